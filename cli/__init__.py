@@ -1,0 +1,1 @@
+"""Command-line interface (installed as rwkvcpu.cli): thin click commands over the library."""

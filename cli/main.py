@@ -1,0 +1,73 @@
+"""The `rwkvcpu` command: a table of contents of the subcommands.
+
+Each subcommand lives in its own module and only parses arguments and calls
+the library. Modules are imported when their command runs, so `rwkvcpu info`
+does not pay for compiling kernels it never calls.
+"""
+
+import importlib
+import sys
+
+import click
+
+from rwkvcpu.errors import RwkvCpuError
+
+# command name -> (module, attribute)
+COMMANDS = {
+    "generate": ("rwkvcpu.cli.generate", "generate"),
+    "chat": ("rwkvcpu.cli.chat", "chat"),
+    "convert": ("rwkvcpu.cli.convert", "convert"),
+    "info": ("rwkvcpu.cli.convert", "info"),
+    "perplexity": ("rwkvcpu.cli.perplexity", "perplexity"),
+    "bench": ("rwkvcpu.cli.bench", "bench"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rwkvcpu")
+def cli():
+    """rwkvcpu: run RWKV language models (v4, v5, v6, v7) on the CPU.
+
+    \b
+    Start with:
+      rwkvcpu generate "Once upon a time"
+      rwkvcpu convert model.pth model-int8.safetensors --dtype int8
+      rwkvcpu info model-int8.safetensors
+    """
+
+
+def main(argv=None):
+    """Entry point: library errors become one line on stderr and exit code 2."""
+    try:
+        rc = cli.main(args=argv, prog_name="rwkvcpu", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code == 1 or isinstance(e, click.UsageError) else e.exit_code)
+    except RwkvCpuError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        # `rwkvcpu generate ... | head` closed our stdout: not an error.
+        sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

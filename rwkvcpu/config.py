@@ -1,0 +1,120 @@
+"""Model configuration: what the converter detected and the engine runs.
+
+The converter detects the generation once and writes this configuration into
+the safetensors metadata (all values as strings, see docs/FORMAT.md); the
+engine reads it back and never guesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Mapping
+
+from .errors import ModelFormatError
+
+FORMAT_NAME = "rwkvcpu"
+FORMAT_VERSION = 1
+
+# Generations the engine runs. The family (text before the first dot) picks the
+# module that computes it; the minor version only changes the tensor list.
+GENERATIONS = ("v4", "v5.0", "v5.1", "v5.2", "v6", "v7")
+
+# Group-norm epsilon of ln_x: official v5/v6/v7 checkpoints were trained with
+# 64e-5 (1e-5 * head_size_divisor**2 with divisor 8); rwkv.cpp's v5 files use 1e-5.
+OFFICIAL_GROUP_NORM_EPS = 64e-5
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions and numerics of one RWKV model.
+
+    Attributes:
+        generation: one of GENERATIONS.
+        n_layer: number of blocks (L).
+        n_embd: model width (D).
+        vocab_size: number of tokens (V).
+        dim_ffn: channel-mix hidden width (F).
+        head_size: channels per head (S); 0 for v4, which has no heads.
+        group_norm_eps: epsilon of the per-head group norm ln_x (v5+).
+        lora_dims: widths of the low-rank projections, by symbol (v6: "E_maa",
+            "E_decay"; v7: "Dw", "Da", "Dv", "Dg"); empty for v4/v5.
+        tokenizer: name of the tokenizer ("world", "neox-20b", "bytes", or
+            "embedded" when the file's metadata carries a tokenizer.json).
+    """
+
+    generation: str
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    dim_ffn: int
+    head_size: int = 0
+    group_norm_eps: float = OFFICIAL_GROUP_NORM_EPS
+    lora_dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    tokenizer: str = "world"
+
+    def __post_init__(self):
+        if self.generation not in GENERATIONS:
+            raise ModelFormatError(
+                f"unknown generation {self.generation!r}; expected one of {', '.join(GENERATIONS)}"
+            )
+        if self.family != "v4" and (self.head_size <= 0 or self.n_embd % self.head_size):
+            raise ModelFormatError(
+                f"head size {self.head_size} does not divide the width {self.n_embd}"
+            )
+
+    @property
+    def family(self) -> str:
+        """The generation without its minor version: "v4", "v5", "v6" or "v7"."""
+        return self.generation.split(".")[0]
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size if self.head_size else 0
+
+    def dims(self) -> dict:
+        """Symbol table for the shapes in rwkvcpu.layouts."""
+        d = {"D": self.n_embd, "V": self.vocab_size, "F": self.dim_ffn,
+             "H": self.n_head, "S": self.head_size}
+        d.update(self.lora_dims)
+        return d
+
+    def to_metadata(self) -> dict:
+        """The configuration as safetensors metadata (str -> str)."""
+        return {
+            "generation": self.generation,
+            "n_layer": str(self.n_layer),
+            "n_embd": str(self.n_embd),
+            "vocab_size": str(self.vocab_size),
+            "dim_ffn": str(self.dim_ffn),
+            "head_size": str(self.head_size),
+            "n_head": str(self.n_head),
+            "group_norm_eps": repr(float(self.group_norm_eps)),
+            "lora_dims": json.dumps(dict(self.lora_dims), sort_keys=True),
+            "tokenizer": self.tokenizer,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], source: str = "model file") -> "ModelConfig":
+        """Rebuild a configuration from safetensors metadata written by to_metadata."""
+        try:
+            return cls(
+                generation=meta["generation"],
+                n_layer=int(meta["n_layer"]),
+                n_embd=int(meta["n_embd"]),
+                vocab_size=int(meta["vocab_size"]),
+                dim_ffn=int(meta["dim_ffn"]),
+                head_size=int(meta["head_size"]),
+                group_norm_eps=float(meta["group_norm_eps"]),
+                lora_dims={k: int(v) for k, v in json.loads(meta.get("lora_dims", "{}")).items()},
+                tokenizer=meta.get("tokenizer", "world"),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise ModelFormatError(
+                f"{source}: metadata is missing or has a bad value for {e}; "
+                f"re-convert the checkpoint with `rwkvcpu convert`"
+            ) from None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,192 @@
+"""The recurrent state: one contiguous float32 array with named views.
+
+Layout (``state_layout(config)``), sections in this order, each a C-contiguous
+block of the flat array with the layer as its leading axis:
+
+    v4:        att_x (L, D)  att_aa (L, D)  att_bb (L, D)  att_pp (L, D)  ffn_x (L, D)
+    v5/v6/v7:  att_x (L, D)  wkv (L, H, S, S)  ffn_x (L, D)
+
+att_x / ffn_x: the previous token's normalised input to the time mix and the
+channel mix (token shift). att_aa, att_bb, att_pp: v4's numerator, denominator
+and running exponent (the max-trick that keeps exp from overflowing). wkv: the
+per-head matrix state; v5/v6 index it [head, key, value], v7 [head, value, key],
+as in the official implementations, so state-tuned `time_state` tensors load
+unchanged.
+
+The size depends only on the configuration: the same after 10 tokens or 10
+million.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import StateMismatchError
+
+# Initial value of v4's running exponent: "minus infinity" that stays finite in
+# fp32 arithmetic (exp(-1e38 - p) underflows cleanly to 0).
+V4_PP_INIT = -1e38
+
+
+class Section(NamedTuple):
+    offset: int      # in float32 elements
+    shape: tuple
+
+
+def state_layout(config: ModelConfig) -> dict:
+    """Named sections of the flat state array.
+
+    Args:
+        config: the model's configuration.
+
+    Returns:
+        dict name -> Section(offset, shape), in memory order.
+
+    Example:
+        >>> cfg = ModelConfig("v7", n_layer=2, n_embd=64, vocab_size=256, dim_ffn=256, head_size=16)
+        >>> state_layout(cfg)["wkv"]
+        Section(offset=128, shape=(2, 4, 16, 16))
+    """
+    L, D = config.n_layer, config.n_embd
+    if config.family == "v4":
+        shapes = [("att_x", (L, D)), ("att_aa", (L, D)), ("att_bb", (L, D)),
+                  ("att_pp", (L, D)), ("ffn_x", (L, D))]
+    else:
+        H, S = config.n_head, config.head_size
+        shapes = [("att_x", (L, D)), ("wkv", (L, H, S, S)), ("ffn_x", (L, D))]
+    layout, offset = {}, 0
+    for name, shape in shapes:
+        layout[name] = Section(offset, shape)
+        offset += int(np.prod(shape))
+    return layout
+
+
+def state_size(config: ModelConfig) -> int:
+    """Number of float32 elements in a state."""
+    return sum(int(np.prod(s.shape)) for s in state_layout(config).values())
+
+
+class State:
+    """The recurrent state of one sequence.
+
+    Attributes:
+        data: the flat float32 array holding everything.
+        views: dict section name -> view into data (see state_layout), also
+            reachable as attributes: ``state.wkv``, ``state.att_x``, ...
+        fingerprint: identifies the model this state belongs to.
+
+    Example:
+        >>> logits, state = model.forward([1, 2, 3])
+        >>> saved = state.copy()
+        >>> state.save("chat.state")
+        >>> state = State.load("chat.state", model)
+    """
+
+    __slots__ = ("config", "data", "views", "fingerprint")
+
+    def __init__(self, config: ModelConfig, data: np.ndarray, fingerprint: str):
+        layout = state_layout(config)
+        size = state_size(config)
+        if data.dtype != np.float32 or data.ndim != 1 or data.size != size or not data.flags.c_contiguous:
+            raise StateMismatchError(
+                f"state array must be a contiguous float32 vector of {size} elements for this model, "
+                f"got {data.dtype} {data.shape}; start from model.initial_state() instead"
+            )
+        self.config = config
+        self.data = data
+        self.fingerprint = fingerprint
+        self.views = {name: data[s.offset:s.offset + int(np.prod(s.shape))].reshape(s.shape)
+                      for name, s in layout.items()}
+
+    def __getattr__(self, name):
+        try:
+            return self.views[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, fingerprint: str) -> "State":
+        """A fresh state: zeros, with v4's running exponent at "minus infinity"."""
+        state = cls(config, np.zeros(state_size(config), np.float32), fingerprint)
+        if config.family == "v4":
+            state.views["att_pp"][:] = V4_PP_INIT
+        return state
+
+    def copy(self) -> "State":
+        """An independent copy (the engine never changes a state passed to it)."""
+        return State(self.config, self.data.copy(), self.fingerprint)
+
+    def __len__(self):
+        return self.data.size
+
+    def __repr__(self):
+        return f"State({self.config.generation}, {self.data.size} floats, model {self.fingerprint[:12]})"
+
+    def save(self, path) -> None:
+        """Write the state to a safetensors file tagged with its model's fingerprint.
+
+        Args:
+            path: destination file; written to a temporary name, then renamed.
+        """
+        from safetensors.numpy import save_file
+        import os
+        path = os.fspath(path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        meta = {"format": "rwkvcpu-state", "fingerprint": self.fingerprint,
+                "config": json.dumps(self.config.to_metadata(), sort_keys=True)}
+        try:
+            save_file({"state": self.data}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path, model) -> "State":
+        """Read a state saved by State.save, refusing one saved from a different model.
+
+        Args:
+            path: a file written by State.save.
+            model: the Model the state will be used with.
+
+        Raises:
+            StateMismatchError: the file is not a state, or belongs to another model.
+        """
+        from safetensors import safe_open
+        import os
+        path = os.fspath(path)
+        try:
+            with safe_open(path, "np") as f:
+                meta = f.metadata() or {}
+                data = f.get_tensor("state")
+        except FileNotFoundError:
+            raise StateMismatchError(f"{path}: no such state file") from None
+        except Exception as e:  # safetensors raises several types for foreign files
+            raise StateMismatchError(f"{path}: not a state file saved by rwkvcpu ({e})") from None
+        if meta.get("format") != "rwkvcpu-state":
+            raise StateMismatchError(f"{path}: not a state file saved by rwkvcpu")
+        if meta.get("fingerprint") != model.fingerprint:
+            raise StateMismatchError(
+                f"{path}: this state was saved from a different model "
+                f"(fingerprint {meta.get('fingerprint', '?')[:12]}, this model {model.fingerprint[:12]}); "
+                f"load it with the model it came from"
+            )
+        return cls(model.config, np.ascontiguousarray(data, np.float32), model.fingerprint)
+
+
+def model_fingerprint(config: ModelConfig, source_sha256: str) -> str:
+    """Identity of a model for states: its architecture and the checkpoint it came from.
+
+    Different quantizations of one checkpoint share a fingerprint: a state
+    saved with the int8 file may be resumed with the fp32 file.
+    """
+    meta = config.to_metadata()
+    meta.pop("group_norm_eps", None)
+    meta.pop("tokenizer", None)
+    blob = json.dumps({"config": meta, "source": source_sha256}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()

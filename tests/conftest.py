@@ -1,0 +1,62 @@
+"""Shared test fixtures: where the shared data lives, and the reference oracle.
+
+Tests that need ../shared (tiny rwkv.cpp models, tokenizers, corpus) skip with
+a reason when it is absent, so a fresh clone elsewhere still passes. Tests that
+need the reference `rwkv` package (and torch) skip when it is not installed.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def _find_shared():
+    env = os.environ.get("RWKVCPU_SHARED")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared", REPO / "shared"]:
+        if (cand / "fixtures" / "tiny-rwkv").is_dir():
+            return cand
+    return None
+
+
+SHARED = _find_shared()
+TINY_STEMS = {
+    "v4": "tiny-rwkv-4v0-660K",
+    "v5.0": "tiny-rwkv-5v1-730K",
+    "v5.2": "tiny-rwkv-5v2-730K",
+    "v6": "tiny-rwkv-6v0-1m",
+    "v7": "tiny-rwkv-7v0-834K",
+}
+TINY_VARIANTS = ("FP32", "FP16", "Q5_0", "Q5_1")
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    if SHARED is None:
+        pytest.skip("../shared is not beside this checkout (set RWKVCPU_SHARED to its path)")
+    return SHARED
+
+
+def tiny_model_path(generation, variant="FP32"):
+    """Path of a shared tiny rwkv.cpp model; skips the test when ../shared is absent."""
+    if SHARED is None:
+        pytest.skip("../shared is not beside this checkout (set RWKVCPU_SHARED to its path)")
+    return SHARED / "fixtures" / "tiny-rwkv" / f"{TINY_STEMS[generation]}-{variant}.bin"
+
+
+def _oracle_available():
+    try:
+        import torch  # noqa: F401
+        import rwkv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_oracle = pytest.mark.skipif(
+    not _oracle_available(),
+    reason="the reference `rwkv` package and torch are not installed (pip install '.[oracle]')",
+)
