@@ -29,3 +29,7 @@ class ConversionError(RwkvCpuError):
 
 class StateMismatchError(RwkvCpuError, ValueError):
     """A saved state does not belong to the model it is loaded into."""
+
+
+class InvalidArgumentError(RwkvCpuError, ValueError):
+    """A sampling option, prompt or token id given by the caller is out of range."""
