@@ -1,0 +1,82 @@
+"""RWKV-5 (5.0, 5.1, 5.2): a matrix-valued state per head.
+
+    xk, xv, xr (, xg) = token-shift mixes of xn
+    r = Wr xr,  k = Wk xk,  v = Wv xv
+    y = group_norm(wkv5(r, k, v))       (see kernels/wkv.py: wkv5)
+    x += Wo (y * silu(Wg xg))           (5.1, 5.2; 5.0 has no gate: x += Wo y)
+
+The minor versions differ only in what the converter stored: 5.0/5.1 have one
+decay and bonus per head (repeated over its channels), 5.2 one per channel,
+and 5.0's bonus was exp(time_first). The engine sees the same tensors for all.
+The channel mix is the one shared with v4 and v6 (common.channel_mix).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ..kernels.norms import group_norm
+from ..kernels.ops import add_, mix, mul_, silu_, token_shift
+from ..kernels.wkv import wkv5
+from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix, mm  # noqa: F401  (re-exported)
+
+
+class TimeMix(NamedTuple):
+    maa: np.ndarray         # (3 or 4, D) f32: token-shift coefficients of r, k, v (, g)
+    decay: np.ndarray       # (1, D) f32: exp(-exp(time_decay)), the same for every token
+    bonus: np.ndarray       # (D,) f32: u
+    receptance: object      # (D, D) matrix
+    key: object             # (D, D) matrix
+    value: object           # (D, D) matrix
+    gate: Optional[object]  # (D, D) matrix; None in 5.0
+    output: object          # (D, D) matrix
+    ln_x: Norm              # group norm, per head
+
+
+def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
+    has_gate = config.generation != "v5.0"
+    names = ["time_maa_r", "time_maa_k", "time_maa_v"] + (["time_maa_g"] if has_gate else [])
+    return TimeMix(
+        maa=t.stack([p + n for n in names]),
+        decay=t.vector(p + "decay").reshape(1, -1),
+        bonus=t.vector(p + "bonus"),
+        receptance=t.matrix(p + "receptance.weight"),
+        key=t.matrix(p + "key.weight"),
+        value=t.matrix(p + "value.weight"),
+        gate=t.matrix(p + "gate.weight") if has_gate else None,
+        output=t.matrix(p + "output.weight"),
+        ln_x=t.norm(p + "ln_x"),
+    )
+
+
+def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x and wkv."""
+    T, D = xn.shape
+    dx = ws.get("dx", (T, D))
+    token_shift(xn, state.att_x[i], dx)
+    xm = ws.get("xm", (att.maa.shape[0], T, D))
+    mix(xn, dx, att.maa, xm)
+    r = mm(att.receptance, xm[0], ws.get("r", (T, D)))
+    k = mm(att.key, xm[1], ws.get("k", (T, D)))
+    v = mm(att.value, xm[2], ws.get("v", (T, D)))
+    g = None
+    if att.gate is not None:
+        g = mm(att.gate, xm[3], ws.get("g", (T, D)))
+        silu_(g)
+    heads_output(att, config, r, k, v, att.decay, g, state.wkv[i], ws, x)
+
+
+def heads_output(att, config, r, k, v, decay, g, s, ws: Scratch, x) -> None:
+    """The part v5 and v6 share: x += Wo (group_norm(wkv5(r, k, v)) [* g]); s advanced.
+
+    r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, g: (T, D) f32 or None, s: (H, S, S) f32
+    """
+    T, D = r.shape
+    y = ws.get("y", (T, D))
+    wkv5(r, k, v, decay, att.bonus, s, y)
+    group_norm(y, config.n_head, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
+    if g is not None:
+        mul_(y, g)
+    add_(x, mm(att.output, y, ws.get("o", (T, D))))

@@ -1,0 +1,90 @@
+"""RWKV-6: v5.2 with data-dependent token shift and decay, both low-rank.
+
+    dx = shifted(xn) - xn
+    m_w, m_k, m_v, m_r, m_g = W2_j tanh(W1 (xn + dx * maa_x))          (five low-rank deltas)
+    x_j = xn + dx * (maa_j + m_j)                                          for j in w, k, v, r, g
+    decay = exp(-exp(time_decay + D2 tanh(D1 x_w)))                        (per token and channel)
+    then as v5.2: r, k, v, g = W x, y = group_norm(wkv5(r, k, v, decay)), x += Wo (y * silu(g))
+
+The channel mix is the one shared with v4 and v5 (common.channel_mix).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..kernels.ops import mix, mix_dynamic, silu_, tanh_, token_shift
+from ..kernels.wkv import decay_v6_
+from ..matrix import from_parts
+from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix, mm  # noqa: F401  (re-exported)
+from .v5 import heads_output
+
+# Order of the five data-dependent mixes, as in the official time_maa_w2.
+_MIXES = ("w", "k", "v", "r", "g")
+
+
+class TimeMix(NamedTuple):
+    maa_x: np.ndarray       # (1, D) f32: mix feeding the low-rank deltas
+    maa: np.ndarray         # (5, D) f32: base coefficients of w, k, v, r, g
+    maa_w1: object          # (5 E_maa, D) fp32 low-rank matrix
+    maa_w2: tuple           # (5,) of (D, E_maa) fp32 low-rank matrices, in _MIXES order
+    time_decay: np.ndarray  # (D,) f32: w0
+    decay_w1: object        # (E_decay, D) fp32 low-rank matrix
+    decay_w2: object        # (D, E_decay) fp32 low-rank matrix
+    bonus: np.ndarray       # (D,) f32: u (time_faaaa)
+    receptance: object      # (D, D) matrix
+    key: object             # (D, D) matrix
+    value: object           # (D, D) matrix
+    gate: object            # (D, D) matrix
+    output: object          # (D, D) matrix
+    ln_x: Norm              # group norm, per head
+
+
+def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
+    w2 = t.vector(p + "time_maa_w2")
+    return TimeMix(
+        maa_x=t.stack([p + "time_maa_x"]),
+        maa=t.stack([p + "time_maa_" + m for m in _MIXES]),
+        maa_w1=t.lora(p + "time_maa_w1"),
+        maa_w2=tuple(from_parts("fp32", {"": w2[j]}) for j in range(len(_MIXES))),
+        time_decay=t.vector(p + "time_decay"),
+        decay_w1=t.lora(p + "time_decay_w1"),
+        decay_w2=t.lora(p + "time_decay_w2"),
+        bonus=t.vector(p + "bonus"),
+        receptance=t.matrix(p + "receptance.weight"),
+        key=t.matrix(p + "key.weight"),
+        value=t.matrix(p + "value.weight"),
+        gate=t.matrix(p + "gate.weight"),
+        output=t.matrix(p + "output.weight"),
+        ln_x=t.norm(p + "ln_x"),
+    )
+
+
+def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x and wkv."""
+    T, D = xn.shape
+    n_mix, E = len(_MIXES), att.maa_w2[0].shape[1]
+    dx = ws.get("dx", (T, D))
+    token_shift(xn, state.att_x[i], dx)
+    xx = ws.get("xx", (1, T, D))
+    mix(xn, dx, att.maa_x, xx)
+    hidden = mm(att.maa_w1, xx[0], ws.get("lora_h", (T, n_mix * E)))
+    tanh_(hidden)
+    delta = ws.get("delta", (n_mix, T, D))
+    for j in range(n_mix):
+        mm(att.maa_w2[j], hidden[:, j * E:(j + 1) * E], delta[j])
+    xm = ws.get("xm", (n_mix, T, D))
+    mix_dynamic(xn, dx, att.maa, delta, xm)
+    xw, xk, xv, xr, xg = xm
+    dh = mm(att.decay_w1, xw, ws.get("decay_h", (T, att.decay_w1.shape[0])))
+    tanh_(dh)
+    w = mm(att.decay_w2, dh, ws.get("w", (T, D)))
+    decay_v6_(w, att.time_decay)
+    r = mm(att.receptance, xr, ws.get("r", (T, D)))
+    k = mm(att.key, xk, ws.get("k", (T, D)))
+    v = mm(att.value, xv, ws.get("v", (T, D)))
+    g = mm(att.gate, xg, ws.get("g", (T, D)))
+    silu_(g)
+    heads_output(att, config, r, k, v, w, g, state.wkv[i], ws, x)

@@ -1,0 +1,143 @@
+"""RWKV-7 "Goose": the generalised delta rule, with a value residual to layer 0.
+
+    x_j = xn + dx * maa_j                           for j in r, w, k, v, a, g
+    r = Wr x_r,  k = Wk x_k,  v = Wv x_v
+    w = exp(-0.606531 sigmoid(w0 + W2 tanh(W1 x_w)))           decay
+    a = sigmoid(a0 + A2 A1 x_a)                                in-context learning rate
+    g = G2 sigmoid(G1 x_g)                                     output gate
+    layer 0: v_first = v;  later: v += (v_first - v) sigmoid(v0 + V2 V1 x_v)
+    kk = normalize(k * k_k) per head;  k *= 1 + (a - 1) k_a
+    y = group_norm(wkv7(r, w, k, v, kk, kk * a)) + (sum_head r k r_k) v
+    x += Wo (y * g)
+
+Channel mix: x += Wv relu(Wk (xn + dx * maa_k))^2 (no receptance).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ..kernels.norms import group_norm
+from ..kernels.ops import add_, mix, mul_, relu_square_, sigmoid_, sigmoid_bias_, tanh_, token_shift
+from ..kernels.wkv import bonus_v7_, decay_v7_, keys_v7, value_residual_v7_, wkv7
+from .common import Norm, Scratch, Tensors, mm
+
+_MIXES = ("r", "w", "k", "v", "a", "g")
+
+
+class TimeMix(NamedTuple):
+    maa: np.ndarray         # (6, D) f32: token-shift coefficients of r, w, k, v, a, g
+    w0: np.ndarray          # (D,) f32
+    w1: object              # (Dw, D) fp32 low-rank matrix
+    w2: object              # (D, Dw) fp32 low-rank matrix
+    a0: np.ndarray          # (D,) f32
+    a1: object              # (Da, D) fp32 low-rank matrix
+    a2: object              # (D, Da) fp32 low-rank matrix
+    v0: Optional[np.ndarray]  # (D,) f32; None in layer 0
+    v1: Optional[object]    # (Dv, D) fp32 low-rank matrix; None in layer 0
+    v2: Optional[object]    # (D, Dv) fp32 low-rank matrix; None in layer 0
+    g1: object              # (Dg, D) fp32 low-rank matrix
+    g2: object              # (D, Dg) fp32 low-rank matrix
+    k_k: np.ndarray         # (D,) f32
+    k_a: np.ndarray         # (D,) f32
+    r_k: np.ndarray         # (D,) f32 (official (H, S), flattened)
+    receptance: object      # (D, D) matrix
+    key: object             # (D, D) matrix
+    value: object           # (D, D) matrix
+    output: object          # (D, D) matrix
+    ln_x: Norm              # group norm, per head
+
+
+class ChannelMix(NamedTuple):
+    maa: np.ndarray         # (1, D) f32: token-shift coefficient of k
+    key: object             # (F, D) matrix
+    value: object           # (D, F) matrix
+
+
+def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
+    first = layer == 0
+    return TimeMix(
+        maa=t.stack([p + "x_" + m for m in _MIXES]),
+        w0=t.vector(p + "w0"), w1=t.lora(p + "w1"), w2=t.lora(p + "w2"),
+        a0=t.vector(p + "a0"), a1=t.lora(p + "a1"), a2=t.lora(p + "a2"),
+        v0=None if first else t.vector(p + "v0"),
+        v1=None if first else t.lora(p + "v1"),
+        v2=None if first else t.lora(p + "v2"),
+        g1=t.lora(p + "g1"), g2=t.lora(p + "g2"),
+        k_k=t.vector(p + "k_k"), k_a=t.vector(p + "k_a"), r_k=t.vector(p + "r_k"),
+        receptance=t.matrix(p + "receptance.weight"),
+        key=t.matrix(p + "key.weight"),
+        value=t.matrix(p + "value.weight"),
+        output=t.matrix(p + "output.weight"),
+        ln_x=t.norm(p + "ln_x"),
+    )
+
+
+def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x and wkv.
+
+    Layer 0 leaves its value in the work buffer "v_first" for the later layers
+    of the same call.
+    """
+    T, D = xn.shape
+    H = config.n_head
+    dx = ws.get("dx", (T, D))
+    token_shift(xn, state.att_x[i], dx)
+    xm = ws.get("xm", (len(_MIXES), T, D))
+    mix(xn, dx, att.maa, xm)
+    xr, xw, xk, xv, xa, xg = xm
+
+    r = mm(att.receptance, xr, ws.get("r", (T, D)))
+    k = mm(att.key, xk, ws.get("k", (T, D)))
+    v = mm(att.value, xv, ws.get("v", (T, D)))
+
+    h = mm(att.w1, xw, ws.get("w_h", (T, att.w1.shape[0])))
+    tanh_(h)
+    w = mm(att.w2, h, ws.get("w", (T, D)))
+    decay_v7_(w, att.w0)
+
+    h = mm(att.a1, xa, ws.get("a_h", (T, att.a1.shape[0])))
+    a = mm(att.a2, h, ws.get("a", (T, D)))
+    sigmoid_bias_(a, att.a0)
+
+    h = mm(att.g1, xg, ws.get("g_h", (T, att.g1.shape[0])))
+    sigmoid_(h)
+    g = mm(att.g2, h, ws.get("g", (T, D)))
+
+    v_first = ws.get("v_first", (T, D))
+    if att.v0 is None:
+        np.copyto(v_first, v)
+    else:
+        h = mm(att.v1, xv, ws.get("v_h", (T, att.v1.shape[0])))
+        z = mm(att.v2, h, ws.get("v_z", (T, D)))
+        value_residual_v7_(v, v_first, z, att.v0)
+
+    kk = ws.get("kk", (T, D))
+    kka = ws.get("kka", (T, D))
+    keys_v7(k, a, att.k_k, att.k_a, H, kk, kka)
+
+    y = ws.get("y", (T, D))
+    wkv7(r, w, k, v, kk, kka, state.wkv[i], y)
+    group_norm(y, H, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
+    bonus_v7_(y, r, k, v, att.r_k, H)
+    mul_(y, g)
+    add_(x, mm(att.output, y, ws.get("o", (T, D))))
+
+
+def load_channel_mix(t: Tensors, p: str) -> ChannelMix:
+    return ChannelMix(maa=t.stack([p + "x_k"]), key=t.matrix(p + "key.weight"),
+                      value=t.matrix(p + "value.weight"))
+
+
+def channel_mix(ffn: ChannelMix, xn, prev, ws: Scratch, x) -> None:
+    """x += Wv relu(Wk xk)^2, xk token-shifted from xn; prev <- last row of xn."""
+    T, D = xn.shape
+    dx = ws.get("dx", (T, D))
+    token_shift(xn, prev, dx)
+    xk = ws.get("xm", (1, T, D))
+    mix(xn, dx, ffn.maa, xk)
+    h = mm(ffn.key, xk[0], ws.get("ffn_h", (T, ffn.key.shape[0])))
+    relu_square_(h)
+    add_(x, mm(ffn.value, h, ws.get("ffn_y", (T, D))))

@@ -1,0 +1,205 @@
+"""The time-mix recurrences ("WKV") of each generation, and the per-token
+inputs only they need (decays, normalised keys, v7's value residual).
+
+Each recurrence runs T tokens serially through the state, which it updates in
+place, and writes one output row per token. The matrix products around them
+are done beforehand for all T tokens at once.
+
+State layouts (see rwkvcpu/state.py): v4 keeps three per-channel vectors
+(aa, bb, pp); v5/v6 keep s[head, key, value]; v7 keeps s[head, value, key].
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .ops import FASTMATH
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def wkv4(k, v, log_decay, bonus, aa, bb, pp, out):
+    """RWKV-4 recurrence, with the max-trick that keeps exp() from overflowing.
+
+    The state is a numerator aa, a denominator bb, and a running exponent pp
+    such that the true sums are aa * exp(pp) and bb * exp(pp). Per channel c:
+
+        q = max(pp, u + k);   out = (e^(pp-q) aa + e^(u+k-q) v) / (e^(pp-q) bb + e^(u+k-q))
+        q = max(pp + w, k);   aa = e^(pp+w-q) aa + e^(k-q) v;  bb = e^(pp+w-q) bb + e^(k-q);  pp = q
+
+    with w = log_decay (= -exp(time_decay)) and u = bonus (time_first).
+
+    k, v: (T, D) f32, log_decay, bonus: (D,) f32, aa, bb, pp: (D,) f32 (updated), out: (T, D) f32
+    """
+    T, D = k.shape
+    for c in range(D):
+        a = aa[c]
+        b = bb[c]
+        p = pp[c]
+        w = log_decay[c]
+        u = bonus[c]
+        for t in range(T):
+            kt = k[t, c]
+            vt = v[t, c]
+            ww = u + kt
+            q = max(p, ww)
+            e1 = np.exp(p - q)
+            e2 = np.exp(ww - q)
+            out[t, c] = (e1 * a + e2 * vt) / (e1 * b + e2)
+            ww = p + w
+            q = max(ww, kt)
+            e1 = np.exp(ww - q)
+            e2 = np.exp(kt - q)
+            a = e1 * a + e2 * vt
+            b = e1 * b + e2
+            p = q
+        aa[c] = a
+        bb[c] = b
+        pp[c] = p
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def wkv5(r, k, v, decay, bonus, s, out):
+    """RWKV-5/6 recurrence, per head h (i: key channel, j: value channel):
+
+        out[t, j] = sum_i r[t, i] * (bonus[i] * k[t, i] * v[t, j] + s[i, j])
+        s[i, j]   = decay[t, i] * s[i, j] + k[t, i] * v[t, j]
+
+    v5 has one decay row for every token (decay: (1, D)); v6's is data-dependent (decay: (T, D)).
+
+    r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, bonus: (D,) f32,
+    s: (H, S, S) f32 [head, key, value] (updated), out: (T, D) f32
+    """
+    T = r.shape[0]
+    H, S = s.shape[0], s.shape[1]
+    per_token = decay.shape[0] > 1
+    for h in prange(H):
+        base = h * S
+        for t in range(T):
+            tw = t if per_token else 0
+            for j in range(S):
+                out[t, base + j] = 0.0
+            for i in range(S):
+                ri = r[t, base + i]
+                ki = k[t, base + i]
+                wi = decay[tw, base + i]
+                rku = ri * ki * bonus[base + i]
+                for j in range(S):
+                    vj = v[t, base + j]
+                    sij = s[h, i, j]
+                    out[t, base + j] += ri * sij + rku * vj
+                    s[h, i, j] = sij * wi + ki * vj
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def wkv7(r, w, k, v, kk, kka, s, out):
+    """RWKV-7 recurrence (the generalised delta rule), per head (i: value channel, j: key channel):
+
+        s[i, j] = s[i, j] * w[t, j] - (sum_l s[i, l] kk[t, l]) * kka[t, j] + v[t, i] * k[t, j]
+        out[t, i] = sum_j s[i, j] * r[t, j]
+
+    with kk the L2-normalised key and kka = kk * a (the in-context learning rate).
+
+    r, w, k, v, kk, kka: (T, D) f32, s: (H, S, S) f32 [head, value, key] (updated), out: (T, D) f32
+    """
+    T = r.shape[0]
+    H, S = s.shape[0], s.shape[1]
+    for h in prange(H):
+        base = h * S
+        for t in range(T):
+            for i in range(S):
+                sa = np.float32(0.0)
+                for j in range(S):
+                    sa += s[h, i, j] * kk[t, base + j]
+                vi = v[t, base + i]
+                acc = np.float32(0.0)
+                for j in range(S):
+                    sij = s[h, i, j] * w[t, base + j] - sa * kka[t, base + j] + vi * k[t, base + j]
+                    s[h, i, j] = sij
+                    acc += sij * r[t, base + j]
+                out[t, base + i] = acc
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def decay_v6_(w, w0):
+    """w <- exp(-exp(w0 + w))   (v6's data-dependent decay from its low-rank term w).
+
+    w: (T, D) f32, w0: (D,) f32
+    """
+    T, D = w.shape
+    for t in range(T):
+        for j in range(D):
+            w[t, j] = np.exp(-np.exp(w0[j] + w[t, j]))
+
+
+# exp(-0.5) as the reference writes it; the decay lies in (exp(-exp(-0.5)), 1).
+_V7_DECAY_SCALE = np.float32(0.606531)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def decay_v7_(w, w0):
+    """w <- exp(-0.606531 * sigmoid(w0 + w))   (v7's decay from its low-rank term w).
+
+    w: (T, D) f32, w0: (D,) f32
+    """
+    T, D = w.shape
+    for t in range(T):
+        for j in range(D):
+            sig = np.float32(1.0) / (np.float32(1.0) + np.exp(-(w0[j] + w[t, j])))
+            w[t, j] = np.exp(-_V7_DECAY_SCALE * sig)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def keys_v7(k, a, k_k, k_a, n_head, kk, kka):
+    """v7's two keys. Per head, kk = normalize(k * k_k) (L2, floor 1e-12), kka = kk * a;
+    then the key itself is rescaled in place: k <- k * (1 + (a - 1) * k_a).
+
+    k: (T, D) f32 (updated), a: (T, D) f32, k_k, k_a: (D,) f32, n_head: int,
+    kk, kka: (T, D) f32 (outputs)
+    """
+    T, D = k.shape
+    S = D // n_head
+    for t in range(T):
+        for h in range(n_head):
+            b = h * S
+            ss = np.float32(0.0)
+            for j in range(S):
+                x = k[t, b + j] * k_k[b + j]
+                kk[t, b + j] = x
+                ss += x * x
+            inv = np.float32(1.0) / max(np.sqrt(ss), np.float32(1e-12))
+            for j in range(S):
+                x = kk[t, b + j] * inv
+                kk[t, b + j] = x
+                kka[t, b + j] = x * a[t, b + j]
+        for j in range(D):
+            k[t, j] = k[t, j] * (np.float32(1.0) + (a[t, j] - np.float32(1.0)) * k_a[j])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def value_residual_v7_(v, v_first, z, v0):
+    """v <- v + (v_first - v) * sigmoid(v0 + z)   (layers >= 1 lean towards layer 0's value).
+
+    v: (T, D) f32 (updated), v_first, z: (T, D) f32, v0: (D,) f32
+    """
+    T, D = v.shape
+    for t in range(T):
+        for j in range(D):
+            g = np.float32(1.0) / (np.float32(1.0) + np.exp(-(v0[j] + z[t, j])))
+            v[t, j] += (v_first[t, j] - v[t, j]) * g
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def bonus_v7_(out, r, k, v, r_k, n_head):
+    """out[t, head] += (sum over the head of r * k * r_k) * v[t, head]   (v7's current-token term).
+
+    out: (T, D) f32 (updated), r, k, v: (T, D) f32, r_k: (D,) f32, n_head: int
+    """
+    T, D = out.shape
+    S = D // n_head
+    for t in range(T):
+        for h in range(n_head):
+            b = h * S
+            acc = np.float32(0.0)
+            for j in range(S):
+                acc += r[t, b + j] * k[t, b + j] * r_k[b + j]
+            for j in range(S):
+                out[t, b + j] += acc * v[t, b + j]
