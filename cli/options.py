@@ -1,0 +1,181 @@
+"""Options shared by `generate` and `chat`: the model, and every sampling option.
+
+Bad values raise InvalidArgumentError (one line, exit code 2 through
+rwkvcpu.cli.main) rather than click's several-line usage error.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+
+import click
+
+from rwkvcpu.errors import InvalidArgumentError, ModelFormatError
+
+
+class Number(click.ParamType):
+    """A number option whose bad values are one-line InvalidArgumentErrors."""
+
+    def __init__(self, cast, what):
+        self.cast, self.what = cast, what
+        self.name = "integer" if cast is int else "number"
+
+    def get_metavar(self, param, ctx=None):
+        return "INT" if self.cast is int else "FLOAT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self.cast(value)
+        try:
+            return self.cast(str(value).strip())
+        except ValueError:
+            flag = param.opts[-1] if param is not None else "value"
+            raise InvalidArgumentError(f"{flag} must be {self.what}, got {value!r}") from None
+
+
+INT = Number(int, "an integer")
+FLOAT = Number(float, "a number")
+
+
+class TokenBias(click.ParamType):
+    """ID=BIAS, for --logit-bias."""
+
+    name = "ID=BIAS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        token, sep, bias = str(value).partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            return int(token), float(bias)
+        except ValueError:
+            raise InvalidArgumentError(f"--logit-bias takes TOKEN_ID=BIAS (like 187=-2.5), got {value!r}") from None
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line (``\\n``, ``\\t``, ``\\u00e9``) as characters."""
+    try:
+        return codecs.decode(text.encode("utf-8", "surrogatepass"), "unicode_escape") if "\\" in text else text
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"bad backslash escape in {text!r}") from None
+
+
+def model_option(f):
+    return click.option(
+        "-m", "--model", "model_path", metavar="FILE",
+        help="Model file (.safetensors from `rwkvcpu convert`). Default: the model shipped with rwkvcpu.",
+    )(f)
+
+
+def threads_option(f):
+    return click.option("--threads", type=INT, default=None, metavar="N",
+                        help="CPU threads for the model (default: all cores).")(f)
+
+
+def sampling_options(defaults):
+    """Decorator adding every sampling option, showing `defaults` (a SamplingParams)."""
+    d = defaults
+    opts = [
+        click.option("-n", "--max-tokens", type=INT, default=d.max_tokens, show_default=True,
+                     help="Most tokens to generate; 0 for no limit."),
+        click.option("-t", "--temperature", type=FLOAT, default=d.temperature, show_default=True,
+                     help="Randomness; 0 always picks the most likely token (greedy)."),
+        click.option("--top-p", type=FLOAT, default=d.top_p, show_default=True,
+                     help="Keep the fewest most likely tokens whose probabilities reach P; in (0, 1], 1 = off."),
+        click.option("--top-k", type=INT, default=d.top_k, show_default=True,
+                     help="Keep the K most likely tokens; 0 = off."),
+        click.option("--min-p", type=FLOAT, default=d.min_p, show_default=True,
+                     help="Keep tokens at least this fraction as likely as the best one; 0 = off."),
+        click.option("--presence-penalty", type=FLOAT, default=d.presence_penalty, show_default=True,
+                     help="Subtracted from the logit of every token already generated."),
+        click.option("--frequency-penalty", type=FLOAT, default=d.frequency_penalty, show_default=True,
+                     help="Subtracted again for each (decayed) occurrence of a generated token."),
+        click.option("--penalty-decay", type=FLOAT, default=d.penalty_decay, show_default=True,
+                     help="Occurrence counts are multiplied by this at every token (ChatRWKV's decay)."),
+        click.option("--repetition-penalty", type=FLOAT, default=d.repetition_penalty, show_default=True,
+                     help="Divide positive / multiply negative logits of tokens already in the text; 1 = off."),
+        click.option("--logit-bias", type=TokenBias(), multiple=True, metavar="ID=BIAS",
+                     help="Add BIAS to the logit of token ID (repeatable)."),
+        click.option("--ban", "banned", type=INT, multiple=True, metavar="ID",
+                     help="Never generate token ID (repeatable)."),
+        click.option("--stop", multiple=True, metavar="TEXT",
+                     help="Stop when the output contains TEXT, which is not printed; \\n and other "
+                          "escapes are understood (repeatable)."),
+        click.option("--stop-token", "stop_token", type=INT, multiple=True, metavar="ID",
+                     help="Stop when token ID is generated (repeatable), besides end-of-text."),
+        click.option("--ignore-eos", is_flag=True,
+                     help="Do not stop at the end-of-text token (token 0 of World models)."),
+        click.option("--seed", type=INT, default=None,
+                     help="Random seed: the same seed, model, prompt and options give the same text."),
+    ]
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return decorate
+
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "penalty_decay", "repetition_penalty", "logit_bias", "banned",
+                 "stop", "stop_token", "ignore_eos", "seed")
+
+
+def pop_sampling(kwargs: dict) -> dict:
+    """Take the sampling options out of a command's kwargs; return them as make_params keywords.
+
+    Stop tokens are returned apart as ``extra_stop_tokens`` / ``ignore_eos``:
+    the end-of-text id is only known once the model is loaded.
+    """
+    o = {k: kwargs.pop(k) for k in SAMPLING_KEYS}
+    bias = {}
+    for token, value in o["logit_bias"]:
+        bias[token] = bias.get(token, 0.0) + value
+    return dict(
+        max_tokens=o["max_tokens"] or None,
+        temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
+        presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"],
+        penalty_decay=o["penalty_decay"], repetition_penalty=o["repetition_penalty"],
+        logit_bias=bias, banned_tokens=list(o["banned"]),
+        stop=[unescape(s) for s in o["stop"]],
+        seed=o["seed"],
+    ), list(o["stop_token"]), o["ignore_eos"]
+
+
+def stop_tokens(tokenizer, extra, ignore_eos):
+    """End-of-text (unless ignored) plus the --stop-token ids."""
+    eos = tokenizer.eos_token_id
+    base = [] if ignore_eos or eos is None else [eos]
+    return base + [t for t in extra if t not in base]
+
+
+def resolve_model_path(model_path) -> str:
+    """The model file to load: --model, or the shipped one; a one-line error if it is not there."""
+    if model_path is None:
+        from rwkvcpu.models import default_model_path
+        path = str(default_model_path())
+        if not os.path.exists(path):
+            raise ModelFormatError(
+                f"the model shipped with rwkvcpu is not installed ({path} is missing); "
+                f"pass a model file with --model FILE")
+        return path
+    path = os.path.expanduser(str(model_path))
+    if not os.path.exists(path):
+        raise ModelFormatError(f"{path}: no such model file")
+    if os.path.isdir(path):
+        raise ModelFormatError(f"{path}: is a directory, not a model file")
+    if not os.access(path, os.R_OK):
+        raise ModelFormatError(f"{path}: model file is not readable (permission denied)")
+    return path
+
+
+def load_model(model_path, threads=None):
+    """Load the model for a command (the engine is imported here, not at startup)."""
+    import rwkvcpu
+    path = resolve_model_path(model_path)
+    try:
+        return rwkvcpu.load(path, threads=threads)
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot read the model file ({e.strerror or e})") from None

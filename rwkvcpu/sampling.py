@@ -1,0 +1,359 @@
+"""Choosing the next token from the logits.
+
+The order of operations, each a small function below:
+
+1. ``logit_bias`` is added and ``banned_tokens`` are set to -inf.
+2. Presence and frequency penalties, as ChatRWKV applies them: every token
+   generated so far loses ``presence_penalty + frequency_penalty * count``,
+   where ``count`` is its number of occurrences, each multiplied by
+   ``penalty_decay`` at every step after it (so old repetitions are forgiven).
+3. Repetition penalty (CTRL / Hugging Face style): a token already in the
+   context (prompt or output) has a positive logit divided by the penalty and
+   a negative one multiplied by it.
+4. ``temperature == 0``: the most likely token (greedy), nothing random.
+5. Otherwise top-k, top-p and min-p each choose a set of the most probable
+   tokens of the same distribution (softmax of the logits after steps 1-3);
+   the token is drawn from their intersection with probabilities
+   ``softmax(logits / temperature)`` renormalised over it. Filtering before
+   the temperature is what ChatRWKV and llama.cpp's default chain do: a high
+   temperature flattens the choice among plausible tokens without letting
+   implausible ones in.
+
+Stop strings, stop tokens and ``max_tokens`` are checked by the generation
+loop (rwkvcpu/generate.py); they live in SamplingParams so that one object
+says everything about how to generate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+def _real(name, value, lo=None, hi=None, lo_open=False, allow_neg_inf=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not (allow_neg_inf and value < 0)):
+        raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+        raise InvalidArgumentError(f"{name} must be {bound}{_range_hint(name)}, got {value:g}")
+    if hi is not None and value > hi:
+        raise InvalidArgumentError(f"{name} must be <= {hi}{_range_hint(name)}, got {value:g}")
+    return value
+
+
+def _int(name, value, lo=None, optional=False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if lo is not None and value < lo:
+        raise InvalidArgumentError(f"{name} must be >= {lo}{_range_hint(name)}, got {value}")
+    return value
+
+
+_HINTS = {
+    "temperature": " (0 means greedy)",
+    "top_p": " (top_p is in (0, 1]; 1 turns it off)",
+    "top_k": " (0 turns it off)",
+    "min_p": " (min_p is in [0, 1]; 0 turns it off)",
+    "penalty_decay": " (penalty_decay is in [0, 1])",
+    "repetition_penalty": " (1 turns it off)",
+    "max_tokens": " (None means no limit)",
+}
+
+
+def _range_hint(name):
+    return _HINTS.get(name, "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens and when to stop; validated on construction.
+
+    Attributes:
+        temperature: >= 0; 0 means greedy (always the most likely token).
+        top_p: in (0, 1]; keep the smallest set of most likely tokens whose
+            probabilities sum to at least top_p (1: off).
+        top_k: >= 0; keep the k most likely tokens (0: off).
+        min_p: in [0, 1]; keep tokens at least min_p times as likely as the
+            most likely one (0: off).
+        presence_penalty: subtracted from the logit of every token generated so far.
+        frequency_penalty: subtracted once more per (decayed) occurrence.
+        penalty_decay: in [0, 1]; occurrence counts are multiplied by it at
+            every step (ChatRWKV: 0.996).
+        repetition_penalty: > 0; CTRL-style penalty on tokens of the prompt
+            and the output (1: off).
+        logit_bias: token id -> value added to its logit (-inf bans it).
+        banned_tokens: token ids never generated.
+        stop: strings that end the generation; they are not part of the output.
+        stop_tokens: token ids that end the generation (not part of the
+            output); None means the tokenizer's end-of-text token (0 for
+            World models), if it has one.
+        max_tokens: most tokens to generate; None for no limit.
+        seed: seeds the random generator: same seed, model, prompt and
+            options give the same text. None draws a fresh seed.
+
+    Raises:
+        InvalidArgumentError: a value is out of range or of the wrong type.
+
+    Example:
+        >>> SamplingParams(temperature=0.7, top_p=0.9, stop=["\\n\\n"], seed=42)
+        >>> SamplingParams(top_p=1.5)
+        Traceback (most recent call last):
+        rwkvcpu.errors.InvalidArgumentError: top_p must be <= 1 (top_p is in (0, 1]; 1 turns it off), got 1.5
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.85
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.2
+    frequency_penalty: float = 0.2
+    penalty_decay: float = 0.996
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    banned_tokens: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    stop_tokens: Optional[Sequence[int]] = None
+    max_tokens: Optional[int] = 256
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        fix("temperature", _real("temperature", self.temperature, lo=0.0))
+        fix("top_p", _real("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0))
+        fix("top_k", _int("top_k", self.top_k, lo=0))
+        fix("min_p", _real("min_p", self.min_p, lo=0.0, hi=1.0))
+        fix("presence_penalty", _real("presence_penalty", self.presence_penalty))
+        fix("frequency_penalty", _real("frequency_penalty", self.frequency_penalty))
+        fix("penalty_decay", _real("penalty_decay", self.penalty_decay, lo=0.0, hi=1.0))
+        fix("repetition_penalty", _real("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True))
+        if not isinstance(self.logit_bias, Mapping):
+            raise InvalidArgumentError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+        fix("logit_bias", {_int("logit_bias token id", k, lo=0):
+                           _real(f"logit_bias[{k}]", v, allow_neg_inf=True)
+                           for k, v in self.logit_bias.items()})
+        fix("banned_tokens", tuple(_int("banned token id", t, lo=0) for t in _seq("banned_tokens", self.banned_tokens)))
+        stops = tuple(_seq("stop", self.stop))
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise InvalidArgumentError(f"stop strings must be non-empty strings, got {s!r}")
+        fix("stop", stops)
+        if self.stop_tokens is not None:
+            fix("stop_tokens", tuple(_int("stop token id", t, lo=0) for t in _seq("stop_tokens", self.stop_tokens)))
+        fix("max_tokens", _int("max_tokens", self.max_tokens, lo=0, optional=True))
+        fix("seed", _int("seed", self.seed, lo=0, optional=True))
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with some fields changed (validated again)."""
+        return make_params(self, **changes)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise InvalidArgumentError if a token id named here is outside the model's vocabulary."""
+        named = [("logit_bias token id", t) for t in self.logit_bias]
+        named += [("banned token id", t) for t in self.banned_tokens]
+        named += [("stop token id", t) for t in self.stop_tokens or ()]
+        for what, t in named:
+            if t >= vocab_size:
+                raise InvalidArgumentError(f"{what} {t} is outside the model's vocabulary (0 .. {vocab_size - 1})")
+        if len(set(self.banned_tokens)) >= vocab_size:
+            raise InvalidArgumentError("every token is banned: nothing could be generated")
+
+
+def _seq(name, value):
+    if isinstance(value, (str, bytes)) and name != "stop":
+        raise InvalidArgumentError(f"{name} must be a list, got {value!r}")
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be a list, got {value!r}") from None
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def make_params(base: Optional[SamplingParams] = None, **options) -> SamplingParams:
+    """SamplingParams from keyword options on top of `base` (default: the defaults).
+
+    Raises:
+        InvalidArgumentError: an unknown option name or a bad value.
+
+    Example:
+        >>> make_params(temperature=0)
+        SamplingParams(temperature=0.0, ...)
+    """
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown sampling option {unknown[0]!r}; the options are {', '.join(FIELDS)}")
+    if base is None:
+        return SamplingParams(**options)
+    return dataclasses.replace(base, **options)
+
+
+# ---------------------------------------------------------------------------
+# The steps, as pure functions on float64 logits (V,)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """exp(logits - max), normalised; -inf logits get probability 0."""
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def apply_penalties(logits: np.ndarray, occurrence: np.ndarray, seen: np.ndarray,
+                    presence: float, frequency: float) -> None:
+    """ChatRWKV's penalties, in place: logits[t] -= presence + frequency * occurrence[t] for seen t.
+
+    Args:
+        logits: (V,) float64, changed in place.
+        occurrence: (V,) float64, decayed occurrence counts of generated tokens.
+        seen: (V,) bool, tokens generated at least once.
+    """
+    if presence or frequency:
+        logits -= np.where(seen, presence + frequency * occurrence, 0.0)
+
+
+def apply_repetition_penalty(logits: np.ndarray, in_context: np.ndarray, penalty: float) -> None:
+    """CTRL-style repetition penalty, in place, on the tokens marked in `in_context` (V,) bool."""
+    if penalty != 1.0:
+        x = logits[in_context]
+        logits[in_context] = np.where(x > 0, x / penalty, x * penalty)
+
+
+def kept_tokens(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> Optional[np.ndarray]:
+    """The tokens top-k, top-p and min-p all keep, most probable first.
+
+    Each filter keeps a run of the most probable tokens of `probs` (ties:
+    lower id first); the intersection is the shortest of the three runs:
+    top-k the first k; top-p the smallest run whose mass is >= top_p;
+    min-p the tokens with probability >= min_p * max(probs).
+
+    Args:
+        probs: (V,) float64 probabilities.
+
+    Returns:
+        the kept ids, or None when no filter is active (every token is kept).
+    """
+    V = probs.shape[0]
+    limit = V if top_k <= 0 else min(top_k, V)
+    if limit == V and top_p >= 1.0 and min_p <= 0.0:
+        return None
+    # Sort only as many of the most probable tokens as the filters can keep:
+    # grow the candidate run until one filter's cut falls inside it.
+    m = min(limit, 512)
+    while True:
+        if m < V:
+            cand = np.argpartition(-probs, m - 1)[:m]
+        else:
+            cand = np.arange(V)
+        order = cand[np.lexsort((cand, -probs[cand]))]
+        p = probs[order]
+        n = m if m == limit else None
+        if top_p < 1.0:
+            cum = np.cumsum(p)
+            if cum[-1] >= top_p:
+                cut = int(np.searchsorted(cum, top_p, side="left")) + 1
+                n = cut if n is None else min(n, cut)
+        if min_p > 0.0:
+            below = np.nonzero(p < min_p * p[0])[0]
+            if below.size:
+                n = int(below[0]) if n is None else min(n, int(below[0]))
+        if n is not None or m == V:
+            return order[:max(1, n if n is not None else m)]
+        m = min(limit, m * 8)
+
+
+def draw(logits: np.ndarray, ids: Optional[np.ndarray], temperature: float, rng: np.random.Generator) -> int:
+    """Draw one token from softmax(logits[ids] / temperature).
+
+    Args:
+        logits: (V,) float64.
+        ids: the candidate token ids, or None for all.
+        temperature: > 0.
+        rng: the generation's random generator (one uniform draw per token).
+    """
+    z = logits if ids is None else logits[ids]
+    z = (z - z.max()) / temperature
+    cdf = np.cumsum(np.exp(z))
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    i = min(i, cdf.shape[0] - 1)
+    return int(i if ids is None else ids[i])
+
+
+class Sampler:
+    """Chooses tokens for one generation; remembers what it generated for the penalties.
+
+    Args:
+        params: the SamplingParams (their token ids are checked against vocab_size).
+        vocab_size: the number of logits.
+        rng: a numpy Generator; default: seeded from params.seed.
+
+    Example:
+        >>> sampler = Sampler(SamplingParams(seed=1), model.config.vocab_size)
+        >>> sampler.observe(prompt_tokens)
+        >>> token = sampler.sample(logits)
+        >>> sampler.accept(token)
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, rng: Optional[np.random.Generator] = None):
+        params.check_vocab(vocab_size)
+        self.params = params
+        self.vocab_size = vocab_size
+        self.rng = rng if rng is not None else np.random.default_rng(params.seed)
+        self.occurrence = np.zeros(vocab_size, np.float64)
+        self.seen = np.zeros(vocab_size, bool)
+        self.in_context = np.zeros(vocab_size, bool)
+        self.bias = None
+        if params.logit_bias or params.banned_tokens:
+            self.bias = np.zeros(vocab_size, np.float64)
+            for t, b in params.logit_bias.items():
+                self.bias[t] += b
+            self.bias[list(params.banned_tokens)] = -np.inf
+
+    def observe(self, tokens: Sequence[int]) -> None:
+        """Tokens of the prompt: they count for the repetition penalty only."""
+        self.in_context[np.asarray(tokens, np.int64)] = True
+
+    def adjusted_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Steps 1-3: bias, bans, penalties, as a new float64 array."""
+        p = self.params
+        x = np.array(logits, np.float64).reshape(-1)
+        if x.shape[0] != self.vocab_size:
+            raise InvalidArgumentError(f"expected {self.vocab_size} logits, got {x.shape[0]}")
+        if self.bias is not None:
+            x += self.bias
+        apply_penalties(x, self.occurrence, self.seen, p.presence_penalty, p.frequency_penalty)
+        apply_repetition_penalty(x, self.in_context, p.repetition_penalty)
+        return x
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token for these logits (V,)."""
+        p = self.params
+        x = self.adjusted_logits(logits)
+        if not np.isfinite(x.max()):
+            raise InvalidArgumentError("no token can be generated: every logit is -inf or NaN "
+                                       "after biases and bans")
+        if p.temperature == 0.0:
+            return int(np.argmax(x))
+        ids = kept_tokens(softmax(x), p.top_k, p.top_p, p.min_p)
+        return draw(x, ids, p.temperature, self.rng)
+
+    def accept(self, token: int) -> None:
+        """Record a generated token: decay old occurrences, count this one."""
+        self.occurrence *= self.params.penalty_decay
+        self.occurrence[token] += 1.0
+        self.seen[token] = True
+        self.in_context[token] = True

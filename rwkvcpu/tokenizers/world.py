@@ -1,0 +1,152 @@
+"""The RWKV World tokenizer: greedy longest match over bytes.
+
+Token-for-token identical to the reference ``TRIE_TOKENIZER`` of the ``rwkv``
+package (tests/test_tokenizer_world.py checks it), with the trie held in flat
+arrays and the matching loop compiled by Numba (rwkvcpu/tokenizers/trie.py).
+
+Vocabulary file format, one token a line: ``<id> <python literal> <byte length>``,
+the literal a ``str`` (stored as its UTF-8 bytes) or ``bytes``. Id 0 is not in
+the file: it is the end-of-text token.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from . import trie
+from .base import Tokenizer
+
+WORLD_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rwkv_vocab_v20230424.txt")
+# RWKV World models have 65536 logits; ids past the vocabulary file decode to nothing.
+WORLD_VOCAB_SIZE = 65536
+END_OF_TEXT = 0
+
+
+def read_vocab(path: str) -> dict[int, bytes]:
+    """Parse a World vocabulary file into id -> token bytes.
+
+    Raises:
+        ModelFormatError: a line is malformed or its byte length disagrees.
+    """
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot read the tokenizer vocabulary ({e.strerror})") from None
+    ids, literals, lengths = [], [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        first, last = line.find(" "), line.rfind(" ")
+        if first < 0 or last <= first:
+            raise ModelFormatError(f"{path}:{n}: expected '<id> <literal> <length>'")
+        ids.append(line[:first])
+        literals.append(line[first + 1:last])
+        lengths.append(line[last + 1:])
+    try:
+        # One literal_eval of the whole list is several times faster than one per line.
+        values = ast.literal_eval("[" + ",".join(literals) + "]")
+        ids, lengths = [int(i) for i in ids], [int(n) for n in lengths]
+    except (ValueError, SyntaxError) as e:
+        raise ModelFormatError(f"{path}: malformed vocabulary ({e})") from None
+    vocab = {}
+    for i, value, length in zip(ids, values, lengths):
+        token = value.encode("utf-8") if isinstance(value, str) else value
+        if not isinstance(token, bytes) or len(token) != length:
+            raise ModelFormatError(f"{path}: token {i} is {token!r}, expected {length} bytes")
+        vocab[i] = token
+    return vocab
+
+
+class ByteTrie:
+    """Greedy longest-match encoder over a set of byte strings (flat-array trie).
+
+    Attributes:
+        child_start: (nodes + 1,) int64, first edge of each node.
+        child_byte: (edges,) uint8, byte of each edge, sorted within a node.
+        child_node: (edges,) int32, node each edge leads to.
+        node_token: (nodes,) int32, token id ending at each node, or -1.
+        level1, level2: (256,), (65536,) int32, dense node tables for the
+            first one and two bytes (the root's and its children's many edges).
+    """
+
+    def __init__(self, vocab: dict[int, bytes]):
+        # As in the reference, a byte string listed twice keeps its last id.
+        by_bytes = {token: i for i, token in sorted(vocab.items())}
+        tokens = sorted(t for t in by_bytes if t)
+        blob = np.frombuffer(b"".join(tokens), np.uint8)
+        offsets = np.zeros(len(tokens) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(t) for t in tokens])
+        ids = np.array([by_bytes[t] for t in tokens], np.int32)
+
+        n_nodes = trie.count_trie_nodes(blob, offsets)
+        path = np.zeros(max(map(len, tokens)) + 1, np.int32)
+        edge_parent = np.empty(n_nodes - 1, np.int32)
+        edge_byte = np.empty(n_nodes - 1, np.uint8)
+        self.node_token = np.empty(n_nodes, np.int32)
+        trie.build_trie_edges(blob, offsets, ids, path, edge_parent, edge_byte, self.node_token)
+
+        # Edge k created node k + 1; within a parent, edges already come in byte order.
+        order = np.argsort(edge_parent, kind="stable")
+        self.child_byte = edge_byte[order]
+        self.child_node = (order + 1).astype(np.int32)
+        self.child_start = np.zeros(n_nodes + 1, np.int64)
+        self.child_start[1:] = np.cumsum(np.bincount(edge_parent, minlength=n_nodes))
+        self.level1 = np.empty(256, np.int32)
+        self.level2 = np.empty(256 * 256, np.int32)
+        trie.fill_first_levels(self.child_start, self.child_byte, self.child_node, self.level1, self.level2)
+
+    def encode(self, data: bytes) -> list[int]:
+        """Token ids of a byte string (greedy longest match, left to right)."""
+        src = np.frombuffer(data, np.uint8)
+        out = np.empty(len(data), np.int32)
+        n = trie.encode_longest_match(src, self.child_start, self.child_byte, self.child_node,
+                                      self.node_token, self.level1, self.level2, out)
+        if n < 0:
+            raise ModelFormatError(f"no token in the vocabulary starts with byte {data[-n - 1]:#04x}")
+        return out[:n].tolist()
+
+
+class WorldTokenizer(Tokenizer):
+    """The RWKV World tokenizer (``rwkv_vocab_v20230424``), shipped inside the package.
+
+    Example:
+        >>> tok = WorldTokenizer()
+        >>> tok.encode("Hello world")
+        [33155, 41693]
+        >>> tok.decode([33155, 41693])
+        'Hello world'
+    """
+
+    name = "world"
+    eos_token_id = END_OF_TEXT
+
+    def __init__(self, path: str = WORLD_VOCAB_FILE):
+        vocab = read_vocab(path)
+        self.vocab_size = max(WORLD_VOCAB_SIZE, max(vocab) + 1)
+        self._bytes = [b""] * self.vocab_size
+        for i, token in vocab.items():
+            self._bytes[i] = token
+        self._trie = ByteTrie(vocab)
+
+    def encode(self, text: str) -> list[int]:
+        # surrogatepass: a lone surrogate (possible in Python strings) is kept, not an error
+        return self._trie.encode(text.encode("utf-8", errors="surrogatepass"))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Token ids of raw bytes (any bytes, valid UTF-8 or not)."""
+        return self._trie.encode(bytes(data))
+
+    def token_bytes(self, token: int) -> bytes:
+        if not 0 <= token < self.vocab_size:
+            self.check_ids([token])
+        return self._bytes[token]
+
+    def decode_bytes(self, tokens: Iterable[int]) -> bytes:
+        table = self._bytes
+        return b"".join([table[t] for t in self.check_ids(tokens)])

@@ -1,0 +1,73 @@
+"""A fake Model honouring the engine's contract, for generation and chat tests.
+
+It "knows" one script of bytes and predicts its next byte: after feeding
+tokens that follow the script, the logits peak at the script's next byte; any
+other token sends it back to the script's start. Deterministic, instant, and
+byte-level (tokenizer "bytes", vocabulary 256), so tests can reason about
+exactly what a sampler should produce.
+"""
+
+import threading
+
+import numpy as np
+
+from rwkvcpu.config import ModelConfig
+from rwkvcpu.state import State
+from rwkvcpu.tokenizers import load_tokenizer
+
+# Sections of the fake's state array (its first floats)
+POS, FED, LAST = 0, 1, 2
+
+
+class FakeModel:
+    """forward(tokens, state=None, *, all_logits=False) -> (logits, new state), like rwkvcpu.Model.
+
+    Args:
+        script: the text the model predicts, cyclically.
+        peak: how much the script's next byte stands above the others.
+    """
+
+    def __init__(self, script="Once upon a time.\n\n", peak=6.0, tokenizer="bytes"):
+        self.config = ModelConfig("v7", n_layer=1, n_embd=16, vocab_size=256, dim_ffn=16,
+                                  head_size=16, tokenizer=tokenizer)
+        self.metadata = dict(self.config.to_metadata(), format="rwkvcpu", format_version="1")
+        self.fingerprint = "fake" + script.encode().hex()[:60]
+        self.tokenizer = load_tokenizer(self.metadata)
+        self.script = np.frombuffer(script.encode("utf-8"), np.uint8).astype(np.int64)
+        self.peak = peak
+        self.noise = np.random.default_rng(0).normal(size=(len(self.script), 256)).astype(np.float32)
+        self.fed = []            # every token ever fed, in order (all threads)
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def initial_state(self):
+        return State.zeros(self.config, self.fingerprint)
+
+    def _logits(self, pos):
+        i = int(pos) % len(self.script)
+        out = self.noise[i].copy()
+        out[self.script[i]] += self.peak
+        return out
+
+    def forward(self, tokens, state=None, *, all_logits=False):
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("forward needs at least one token")
+        new = (state or self.initial_state()).copy()
+        d = new.data
+        rows = []
+        for t in tokens:
+            if not 0 <= t < 256:
+                raise ValueError(f"token {t} out of range")
+            pos = int(d[POS])
+            if t == self.script[pos % len(self.script)]:
+                d[POS] = pos + 1
+            else:
+                d[POS] = 1 if t == self.script[0] else 0
+            d[FED] += 1
+            d[LAST] = t
+            rows.append(self._logits(d[POS]))
+        with self._lock:
+            self.fed.extend(tokens)
+            self.calls += 1
+        return (np.stack(rows) if all_logits else rows[-1]), new
