@@ -37,6 +37,11 @@ class Fp32:
     bits_per_weight = 32.0
 
     @staticmethod
+    def parts(shape: tuple) -> dict:
+        """The stored tensors of an (out, in) matrix: {suffix: (safetensors dtype, shape)}."""
+        return {"": ("F32", tuple(shape))}
+
+    @staticmethod
     def quantize(w: np.ndarray) -> dict:
         """w: (out, in) float32 -> {suffix: array}."""
         return {"": np.ascontiguousarray(w, dtype=np.float32)}
@@ -51,6 +56,10 @@ class Fp16:
     suffixes = ("",)
     group = 1
     bits_per_weight = 16.0
+
+    @staticmethod
+    def parts(shape: tuple) -> dict:
+        return {"": ("F16", tuple(shape))}
 
     @staticmethod
     def quantize(w: np.ndarray) -> dict:
@@ -68,6 +77,11 @@ class Int8:
     suffixes = ("", ".scale")
     group = 64
     bits_per_weight = 8 + 16 / 64
+
+    @classmethod
+    def parts(cls, shape: tuple) -> dict:
+        out_dim, in_dim = shape
+        return {"": ("I8", (out_dim, in_dim)), ".scale": ("F16", (out_dim, in_dim // cls.group))}
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> dict:
@@ -101,6 +115,12 @@ class Int4:
     suffixes = ("", ".scale", ".min")
     group = 32
     bits_per_weight = 4 + 32 / 32
+
+    @classmethod
+    def parts(cls, shape: tuple) -> dict:
+        out_dim, in_dim = shape
+        groups = (out_dim, in_dim // cls.group)
+        return {"": ("U8", (out_dim, in_dim // 2)), ".scale": ("F16", groups), ".min": ("F16", groups)}
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> dict:

@@ -1,0 +1,190 @@
+"""Generation detection: which RWKV a checkpoint is, from key names and shapes.
+
+Detection happens once, here, and the result is written into the converted
+file's metadata; the engine never guesses.
+
+    v7    att.r_k (or rwkv.cpp's att.x_rwkvag)
+    v6    att.time_maa_x
+    v5.2  att.ln_x + att.gate, one decay per channel
+    v5.1  att.ln_x + att.gate, one decay per head
+    v5.0  att.ln_x, no gate
+    v4    att.time_first + att.time_decay, no ln_x
+
+Anything else (a transformer, an RWKV variant with extra tensors such as v7's
+DeepEmbed or DEA) is refused with a message naming what was found.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from rwkvcpu.config import OFFICIAL_GROUP_NORM_EPS, ModelConfig
+from rwkvcpu.errors import ModelFormatError, UnsupportedModelError
+
+from .readers.base import RWKV_CPP
+
+# Key fragments of architectures we are asked to convert but do not run.
+FOREIGN_HINTS = (
+    ("self_attn", "a transformer"),
+    ("q_proj", "a transformer"),
+    ("query_key_value", "a transformer (GPT-NeoX style)"),
+    ("c_attn", "a transformer (GPT-2 style)"),
+    ("attn.qkv", "a transformer"),
+    ("mlp.gate_proj", "a transformer (Llama style)"),
+    ("wte.weight", "a transformer (GPT-2 style)"),
+)
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _sample(names, n=3):
+    names = list(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def refuse_foreign(path, names) -> None:
+    """Raise UnsupportedModelError when the keys are not an RWKV state dict."""
+    for frag, what in FOREIGN_HINTS:
+        hits = [k for k in names if frag in k]
+        if hits:
+            raise UnsupportedModelError(
+                f"{path}: this looks like {what} (found {_sample(hits, 2)}), not RWKV; "
+                f"rwkvcpu converts RWKV v4, v5, v6 and v7 only")
+    if "emb.weight" not in names:
+        raise UnsupportedModelError(
+            f"{path}: not an RWKV checkpoint (no emb.weight; found {_sample(sorted(names))})")
+
+
+def _heads(shape, n_embd):
+    """Head count from a per-head tensor's shape: (H, S[, 1]) or (H[, 1, 1])."""
+    dims = [d for d in shape]
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    n = int(np.prod(dims))
+    if n == n_embd and len(dims) >= 2 and dims[0] * dims[1] == n_embd:
+        return dims[0]
+    if n < n_embd and n_embd % n == 0:
+        return n
+    return None
+
+
+def count_layers(path, names) -> int:
+    layers = {int(m.group(1)) for k in names for m in [_BLOCK.match(k)] if m}
+    if not layers:
+        raise ModelFormatError(f"{path}: no blocks.N.* tensors; the checkpoint is empty or not RWKV")
+    n = max(layers) + 1
+    missing = [i for i in range(n) if f"blocks.{i}.ln1.weight" not in names]
+    if missing:
+        raise ModelFormatError(f"{path}: tensor blocks.{missing[0]}.ln1.weight is missing")
+    return n
+
+
+def detect_generation(names) -> str | None:
+    """The generation from key names alone ('v5' when the minor needs shapes)."""
+    if "blocks.0.att.r_k" in names or "blocks.0.att.x_rwkvag" in names:
+        return "v7"
+    if "blocks.0.att.time_maa_x" in names:
+        return "v6"
+    if "blocks.0.att.ln_x.weight" in names:
+        return "v5"
+    if "blocks.0.att.time_first" in names and "blocks.0.att.time_decay" in names:
+        return "v4"
+    return None
+
+
+def detect(source, *, group_norm_eps=None, tokenizer="world") -> ModelConfig:
+    """Detect the generation and dimensions of an opened source.
+
+    Args:
+        source: a reader (quant/readers) presenting official or rwkv.cpp names.
+        group_norm_eps: override of the ln_x epsilon; None takes the source's
+            own (rwkv.cpp v5: 1e-5) or the official 64e-5.
+        tokenizer: tokenizer name to record.
+
+    Returns:
+        the ModelConfig of the checkpoint.
+
+    Example:
+        >>> with GgmlSource("tiny-rwkv-5v2-730K-FP32.bin") as src:
+        ...     detect(src).generation
+        'v5.2'
+    """
+    infos = source.tensors()
+    names = set(infos)
+    path = source.path
+    refuse_foreign(path, names)
+    gen = detect_generation(names)
+    if gen is None:
+        raise UnsupportedModelError(
+            f"{path}: RWKV-like keys but no known generation (found {_sample(sorted(names), 4)}); "
+            f"rwkvcpu runs v4, v5.0, v5.1, v5.2, v6 and v7")
+
+    def shape(name):
+        return source.info(name).shape
+
+    n_layer = count_layers(path, names)
+    emb = shape("emb.weight")
+    if len(emb) != 2:
+        raise ModelFormatError(f"{path}: emb.weight has shape {emb}, expected (vocab, width)")
+    vocab, n_embd = emb
+    ffn_key = shape("blocks.0.ffn.key.weight")
+    if len(ffn_key) != 2 or ffn_key[1] != n_embd:
+        raise ModelFormatError(
+            f"{path}: blocks.0.ffn.key.weight has shape {ffn_key}, expected (F, {n_embd})")
+    dim_ffn = ffn_key[0]
+    rwkv_cpp = source.naming == RWKV_CPP
+    head_size, lora = 0, {}
+
+    if gen == "v5":
+        decay = shape("blocks.0.att.time_decay")
+        per_channel = int(np.prod(decay)) == n_embd
+        if "blocks.0.att.gate.weight" in names:
+            gen = "v5.2" if per_channel else "v5.1"
+        else:
+            gen = "v5.0"
+        n_head = _heads(decay, n_embd)
+        if n_head is None and "blocks.0.att.time_faaaa" in names:
+            n_head = _heads(shape("blocks.0.att.time_faaaa"), n_embd)
+        if n_head is None:
+            # A per-channel decay stored flat carries no head count; 64 is the
+            # head size of every released v5.2 model.
+            n_head = n_embd // 64 if n_embd % 64 == 0 else None
+        if n_head is None:
+            raise ModelFormatError(f"{path}: cannot infer the head count from blocks.0.att.time_decay {decay}")
+        head_size = n_embd // n_head
+    elif gen == "v6":
+        n_head = _heads(shape("blocks.0.att.time_faaaa"), n_embd)
+        if n_head is None:
+            raise ModelFormatError(
+                f"{path}: cannot infer the head count from blocks.0.att.time_faaaa {shape('blocks.0.att.time_faaaa')}")
+        head_size = n_embd // n_head
+        w1, d1 = shape("blocks.0.att.time_maa_w1"), shape("blocks.0.att.time_decay_w1")
+        # rwkv.cpp stores these transposed: (5*E, D) and (E, D).
+        lora = {"E_maa": (w1[0] if rwkv_cpp else w1[1]) // 5,
+                "E_decay": d1[0] if rwkv_cpp else d1[1]}
+    elif gen == "v7":
+        r_k = shape("blocks.0.att.r_k")
+        if len(r_k) != 2 or r_k[0] * r_k[1] != n_embd:
+            raise ModelFormatError(f"{path}: blocks.0.att.r_k has shape {r_k}, expected (heads, head size)")
+        head_size = r_k[1]
+        for sym, key in (("Dw", "w1"), ("Da", "a1"), ("Dg", "g1"), ("Dv", "v1")):
+            for layer in (1, 0):
+                name = f"blocks.{layer}.att.{key}"
+                if name in names:
+                    s = shape(name)
+                    lora[sym] = s[0] if rwkv_cpp else s[-1]
+                    break
+    family = gen.split(".")[0]
+    eps = group_norm_eps
+    if eps is None:
+        eps = source.group_norm_eps(family)
+    if eps is None:
+        eps = OFFICIAL_GROUP_NORM_EPS
+    if not eps > 0:
+        raise ModelFormatError(f"group-norm epsilon must be positive, got {eps}")
+    return ModelConfig(gen, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, dim_ffn=dim_ffn,
+                       head_size=head_size, group_norm_eps=float(eps), lora_dims=lora,
+                       tokenizer=tokenizer)

@@ -1,0 +1,143 @@
+"""What every checkpoint reader offers: a lazy, name-addressed set of tensors.
+
+A reader parses only the file's index when it opens (names, shapes, storage
+types, offsets); `load(name)` then reads one tensor as float32 in numpy
+(row-major) order. The converter loads, transforms, writes and releases one
+tensor at a time, so it never holds the whole model in memory.
+
+Readers present tensors under their source's own names. Two namings exist:
+"official" (BlinkDL's .pth keys; Hugging Face readers rename into it) and
+"rwkv.cpp" (official keys, but some values and shapes transformed by
+rwkv.cpp's converter). quant/canonical.py maps each naming to the canonical
+layout.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from rwkvcpu.errors import ModelFormatError
+
+OFFICIAL, RWKV_CPP = "official", "rwkv.cpp"
+
+
+class TensorInfo(NamedTuple):
+    name: str        # source key
+    shape: tuple     # numpy order
+    dtype: str       # storage type in the source: "F32", "F16", "BF16", "Q5_1", ...
+    nbytes: int      # bytes it occupies in the source
+
+
+class Source:
+    """Base class of the readers.
+
+    Attributes:
+        path: the file or folder given by the user.
+        format: short name of the source format ("pth", "rwkv.cpp", ...).
+        naming: OFFICIAL or RWKV_CPP (which canonical rule table applies).
+        group_norm_eps: epsilon the source's own implementation uses in ln_x
+            for the detected generation, or None to use the official value.
+        files: the files whose bytes make up the checkpoint (hashed into the
+            output's metadata).
+        details: extra facts for `rwkvcpu info` (str -> str).
+    """
+
+    format = "?"
+    naming = OFFICIAL
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.files = [self.path]
+        self.details = {}
+        self._infos = {}
+
+    def group_norm_eps(self, family: str):
+        """Epsilon of ln_x that this source's implementation uses (None: official)."""
+        return None
+
+    def tensors(self) -> dict:
+        """name -> TensorInfo, in file order."""
+        return self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is missing") from None
+
+    def load(self, name: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """Tell the OS the pages of this tensor are no longer needed."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MappedFile:
+    """A read-only memory map of one file, with page release after use.
+
+    Pages of a read-only file mapping count in the process's resident set once
+    touched; `drop` hands them back (the page cache keeps them), so peak memory
+    stays near the few tensors in flight rather than the whole file.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise ModelFormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise ModelFormatError(f"{self.path}: is a directory, expected a file") from None
+        except PermissionError:
+            raise ModelFormatError(f"{self.path}: permission denied") from None
+        self.size = os.fstat(self._f.fileno()).st_size
+        if self.size == 0:
+            self._f.close()
+            raise ModelFormatError(f"{self.path}: file is empty")
+        self.mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def array(self, dtype, offset: int, count: int) -> np.ndarray:
+        """A read-only view of `count` items of `dtype` at byte `offset`."""
+        dtype = np.dtype(dtype)
+        end = offset + count * dtype.itemsize
+        if offset < 0 or end > self.size:
+            raise ModelFormatError(
+                f"{self.path}: truncated (needs bytes up to {end}, file has {self.size})")
+        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=offset)
+
+    def drop(self, offset: int, length: int) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self.mm.madvise(mmap.MADV_DONTNEED, start, min(length + offset - start, self.size - start))
+        except (OSError, ValueError):
+            # Only a memory optimisation; correctness does not depend on it.
+            pass
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            # A caller still holds a view; the map closes when it is collected.
+            pass
+        self._f.close()
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32: bf16 is the high half of an fp32."""
+    return (u16.astype(np.uint32) << 16).view(np.float32)

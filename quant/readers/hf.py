@@ -1,0 +1,229 @@
+"""Hugging Face checkpoints: folders of safetensors or pytorch_model.bin shards.
+
+Two RWKV layouts are read and renamed into the official keys, so the official
+rules of quant/canonical.py apply:
+
+- transformers' RWKV-4 (`RwkvForCausalLM`): official values under other names
+  (`rwkv.blocks.N.attention.time_mix_key` for `blocks.N.att.time_mix_k`, ...).
+- fla's RWKV-7 (`RWKV7ForCausalLM`, `model.layers.N.attn.r_proj.weight`, ...):
+  nn.Linear low-rank layers, stored (out, in), i.e. the official `w1` etc.
+  transposed; `w0`/`a0`/`v0` are the biases of the second LoRA layer.
+
+Any other architecture named by a folder's config.json is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from rwkvcpu.errors import ModelFormatError, UnsupportedModelError
+
+from .base import OFFICIAL, Source, TensorInfo
+
+RWKV_ARCHITECTURES = ("RwkvForCausalLM", "RWKV7ForCausalLM", "Rwkv5ForCausalLM", "Rwkv6ForCausalLM",
+                      "RwkvModel", "RWKV7Model")
+
+
+class MultiSource(Source):
+    """Several files (shards) seen as one set of tensors."""
+
+    def __init__(self, path, parts):
+        super().__init__(path)
+        self.parts = parts
+        self.files = [f for p in parts for f in p.files]
+        self._owner = {}
+        for part in parts:
+            for name, info in part.tensors().items():
+                if name in self._owner:
+                    raise ModelFormatError(f"{path}: tensor {name!r} appears in two shards")
+                self._owner[name] = part
+                self._infos[name] = info
+        self.format = parts[0].format if parts else "?"
+
+    def load(self, name):
+        self.info(name)
+        return self._owner[name].load(name)
+
+    def release(self, name):
+        self._owner[name].release(name)
+
+    def close(self):
+        for p in self.parts:
+            p.close()
+
+
+class RenamedSource(Source):
+    """A view of another source under official names (optionally transposed)."""
+
+    naming = OFFICIAL
+
+    def __init__(self, inner, mapping, fmt, ln0_optional=False):
+        super().__init__(inner.path)
+        self.inner = inner
+        self.files = inner.files
+        self.format = fmt
+        self.details = dict(inner.details)
+        self.ln0_optional = ln0_optional
+        self._map = {}
+        for off_name, (src_name, transpose) in mapping.items():
+            info = inner.info(src_name)
+            shape = tuple(reversed(info.shape)) if transpose else info.shape
+            self._infos[off_name] = TensorInfo(off_name, shape, info.dtype, info.nbytes)
+            self._map[off_name] = (src_name, transpose)
+        self._eps = None
+
+    def group_norm_eps(self, family):
+        return self._eps
+
+    def load(self, name):
+        self.info(name)
+        src_name, transpose = self._map[name]
+        x = self.inner.load(src_name)
+        return x.T if transpose else x
+
+    def release(self, name):
+        self.inner.release(self._map[name][0])
+
+    def close(self):
+        self.inner.close()
+
+
+# ---------------------------------------------------------------- transformers RWKV-4
+
+_TRANSFORMERS_RENAMES = (
+    (r"^rwkv\.", ""),
+    (r"^embeddings\.", "emb."),
+    (r"^blocks\.0\.pre_ln\.", "blocks.0.ln0."),
+    (r"^(blocks\.\d+)\.attention\.", r"\1.att."),
+    (r"^(blocks\.\d+)\.feed_forward\.", r"\1.ffn."),
+    (r"\.time_mix_key$", ".time_mix_k"),
+    (r"\.time_mix_value$", ".time_mix_v"),
+    (r"\.time_mix_receptance$", ".time_mix_r"),
+    (r"\.time_mix_gate$", ".time_mix_g"),
+)
+
+
+def transformers_to_official(name: str) -> str:
+    for pat, rep in _TRANSFORMERS_RENAMES:
+        name = re.sub(pat, rep, name)
+    return name
+
+
+# ---------------------------------------------------------------- fla RWKV-7
+
+_FLA_GLOBAL = {
+    "model.embeddings.weight": "emb.weight",
+    "model.norm.weight": "ln_out.weight",
+    "model.norm.bias": "ln_out.bias",
+    "lm_head.weight": "head.weight",
+}
+_FLA_PART = {"pre_norm": "ln0", "attn_norm": "ln1", "ffn_norm": "ln2", "attn": "att", "ffn": "ffn"}
+_FLA_PROJ = {"r_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_proj": "output", "g_norm": "ln_x"}
+_FLA_LORA = re.compile(r"^([wavg])_lora\.lora\.(0\.weight|2\.weight|2\.bias)$")
+
+
+def fla_to_official(name: str):
+    """(official name, transposed?) of an fla RWKV-7 key; unknown keys pass through."""
+    if name in _FLA_GLOBAL:
+        return _FLA_GLOBAL[name], False
+    m = re.match(r"^model\.layers\.(\d+)\.([a-z_]+)\.(.+)$", name)
+    if not m or m.group(2) not in _FLA_PART:
+        return name, False
+    i, part, rest = m.group(1), _FLA_PART[m.group(2)], m.group(3)
+    lora = _FLA_LORA.match(rest)
+    if part == "att" and lora:
+        typ, which = lora.groups()
+        num, transpose = {"0.weight": ("1", True), "2.weight": ("2", True), "2.bias": ("0", False)}[which]
+        return f"blocks.{i}.att.{typ}{num}", transpose
+    head, _, tail = rest.partition(".")
+    if part == "att" and head in _FLA_PROJ:
+        rest = _FLA_PROJ[head] + ("." + tail if tail else "")
+    return f"blocks.{i}.{part}.{rest}", False
+
+
+def to_official(source):
+    """Wrap a raw source so it presents official keys, whatever HF layout it uses."""
+    names = set(source.tensors())
+    if "rwkv.embeddings.weight" in names:
+        mapping = {transformers_to_official(n): (n, False) for n in names}
+        return RenamedSource(source, mapping, "hf-transformers")
+    if "model.embeddings.weight" in names and any(".attn.r_proj." in n for n in names):
+        mapping = {}
+        for n in names:
+            off, transpose = fla_to_official(n)
+            mapping[off] = (n, transpose)
+        return RenamedSource(source, mapping, "hf-fla", ln0_optional=True)
+    return source
+
+
+# ---------------------------------------------------------------- folders
+
+def _config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{cfg}: unreadable config.json ({e})") from None
+
+
+def _weight_files(path: Path) -> list:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+                raise ModelFormatError(f"{index}: unreadable shard index ({e})") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise ModelFormatError(f"{missing[0]}: shard listed in {index_name} is missing")
+            return files
+        if (path / single).is_file():
+            return [path / single]
+    files = sorted(path.glob("*.safetensors"))
+    return files
+
+
+def open_folder(path, open_file) -> Source:
+    """Open a Hugging Face model folder.
+
+    Args:
+        path: the folder.
+        open_file: function opening one weight file as a raw source.
+
+    Returns:
+        a source under official names.
+    """
+    path = Path(path)
+    cfg = _config(path)
+    archs = cfg.get("architectures") or []
+    if archs and not any(a in RWKV_ARCHITECTURES for a in archs):
+        raise UnsupportedModelError(
+            f"{path}: config.json names {', '.join(archs)}, not RWKV; rwkvcpu converts RWKV v4-v7 only")
+    files = _weight_files(path)
+    if not files:
+        raise ModelFormatError(
+            f"{path}: folder has no model.safetensors, pytorch_model.bin or *.safetensors to read")
+    parts = []
+    try:
+        for f in files:
+            parts.append(open_file(f))
+        raw = MultiSource(path, parts) if len(parts) > 1 else parts[0]
+    except BaseException:
+        for p in parts:
+            p.close()
+        raise
+    src = to_official(raw)
+    src.path = path
+    src.details = dict(src.details, **({"architectures": ", ".join(archs)} if archs else {}))
+    if src.format == "hf-fla" and "norm_eps" in cfg:
+        # fla's g_norm epsilon is head_dim * norm_eps (64e-5 for head size 64).
+        head_dim = cfg.get("head_dim") or 64
+        src._eps = float(head_dim) * float(cfg["norm_eps"])
+    return src
