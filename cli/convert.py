@@ -1,0 +1,59 @@
+"""`rwkvcpu convert` and `rwkvcpu info`: parse arguments, call rwkvcpu.quant."""
+
+import time
+
+import click
+
+DTYPES = ("fp32", "fp16", "int8", "int4")
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--dtype", default="int8", show_default=True, metavar="|".join(DTYPES),
+              help="Storage of the large matrices; vectors and low-rank matrices stay fp32.")
+@click.option("--eps", type=float, default=None, metavar="FLOAT",
+              help="Group-norm epsilon of ln_x to record (default: the source's own; "
+                   "official v5-v7 64e-5, rwkv.cpp v5 1e-5).")
+@click.option("--tokenizer", default=None, metavar="NAME|PATH",
+              help="world, neox-20b, bytes, or a tokenizer.json to embed "
+                   "(default: chosen by vocabulary size).")
+@click.option("--state", default=None, metavar="FILE",
+              help="State-tuning file (blocks.N.att.time_state) to store as the initial state.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def convert(src, dst, dtype, eps, tokenizer, state, quiet):
+    """Convert SRC (official .pth, rwkv.cpp .bin, Hugging Face folder) into DST,
+    an rwkvcpu .safetensors file.
+
+    \b
+    Example:
+      rwkvcpu convert RWKV-x070-World-0.1B.pth rwkv7-0.1b-int8.safetensors --dtype int8
+    """
+    from rwkvcpu.quant.convert import convert as run_convert
+    from rwkvcpu.quant.formats import get_format
+
+    get_format(dtype)
+    t0 = time.perf_counter()
+    meta = run_convert(src, dst, dtype=dtype, group_norm_eps=eps, tokenizer=tokenizer,
+                       progress=not quiet, state=state)
+    if not quiet:
+        import os
+        size = os.path.getsize(dst)
+        click.echo(
+            f"wrote {dst}: {meta['generation']}, {meta['n_layer']} layers x {meta['n_embd']}, "
+            f"vocabulary {meta['vocab_size']}, {dtype}, {size / 1e6:.1f} MB, "
+            f"tokenizer {meta['tokenizer']}, in {time.perf_counter() - t0:.1f} s", err=True)
+
+
+@click.command()
+@click.argument("file")
+def info(file):
+    """Describe FILE: an rwkvcpu model, official .pth, rwkv.cpp .bin, Hugging Face
+    folder or state-tuning file (generation, dimensions, parameters, dtypes,
+    size on disk, metadata)."""
+    from rwkvcpu.quant.info import describe
+
+    rows = describe(file)
+    width = max(len(k) for k in rows)
+    for k, v in rows.items():
+        click.echo(f"{k + ':':<{width + 1}} {v}")

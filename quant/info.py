@@ -1,0 +1,150 @@
+"""What a model file is: generation, dimensions, parameters, dtypes, size, metadata.
+
+Works on rwkvcpu files and on every checkpoint the converter reads, by
+reading only indexes and headers (no tensor data), so it is quick on large
+files.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rwkvcpu.config import FORMAT_NAME, ModelConfig
+from rwkvcpu.errors import RwkvCpuError
+from rwkvcpu.layouts import expected_tensors
+
+from . import canonical
+from .convert import open_model
+from .readers import open_source
+from .readers.safetensors_file import SafetensorsSource
+from .readers.statetune import is_state_file
+
+
+def _size_on_disk(files) -> int:
+    return sum(Path(f).stat().st_size for f in files)
+
+
+def _dtype_counts(infos) -> str:
+    counts = collections.Counter(i.dtype for i in infos)
+    return ", ".join(f"{d} x{n}" for d, n in counts.most_common())
+
+
+def _config_rows(cfg: ModelConfig) -> dict:
+    rows = {
+        "generation": cfg.generation,
+        "layers": cfg.n_layer,
+        "width": cfg.n_embd,
+        "vocabulary": cfg.vocab_size,
+        "channel-mix width": cfg.dim_ffn,
+    }
+    if cfg.head_size:
+        rows["heads"] = f"{cfg.n_head} of size {cfg.head_size}"
+        rows["group-norm epsilon"] = f"{cfg.group_norm_eps:g}"
+    if cfg.lora_dims:
+        rows["low-rank widths"] = ", ".join(f"{k}={v}" for k, v in sorted(cfg.lora_dims.items()))
+    return rows
+
+
+def _human(n: float, unit="B") -> str:
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{int(n)} {unit}"
+        n /= 1000.0
+    return f"{n} {unit}"
+
+
+def _count(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n:,} ({n / div:.2f}{suffix})"
+    return f"{n:,}"
+
+
+def describe(path) -> dict:
+    """A description of any readable model file or folder, as ordered rows.
+
+    Args:
+        path: an rwkvcpu .safetensors file, official .pth, rwkv.cpp .bin,
+            Hugging Face folder, or state-tuning file.
+
+    Returns:
+        dict label -> str, in display order.
+
+    Example:
+        >>> describe("tiny-rwkv-5v2-730K-Q5_1.bin")["generation"]
+        'v5.2'
+    """
+    path = Path(path)
+    src = open_source(path)
+    try:
+        meta = getattr(src, "metadata", {}) if isinstance(src, SafetensorsSource) else {}
+        if meta.get("format") == FORMAT_NAME:
+            return _describe_rwkvcpu(src, meta)
+        names = src.tensors()
+        if is_state_file(names):
+            return _describe_state(src)
+    finally:
+        src.close()
+    source, cfg = open_model(path, tokenizer="?")
+    try:
+        infos = list(source.tensors().values())
+        rows = {"file": str(path), "format": source.format}
+        rows.update(_config_rows(cfg))
+        n_params = sum(int(np.prod(i.shape)) for i in infos)
+        rows["parameters"] = _count(n_params)
+        rows["tensors"] = f"{len(infos)}: {_dtype_counts(infos)}"
+        size = _size_on_disk(source.files)
+        rows["size on disk"] = f"{size:,} bytes ({_human(size)})"
+        if source.group_norm_eps(cfg.family) is not None and cfg.head_size:
+            rows["group-norm epsilon"] += " (this source's own)"
+        for k, v in source.details.items():
+            rows[k] = str(v)
+        try:
+            canonical.plan(source, cfg, "fp32")
+            rows["convertible"] = "yes"
+        except RwkvCpuError as e:
+            rows["convertible"] = f"no: {e}"
+    finally:
+        source.close()
+    return rows
+
+
+def _describe_rwkvcpu(src, meta) -> dict:
+    cfg = ModelConfig.from_metadata(meta, str(src.path))
+    infos = list(src.tensors().values())
+    present = set(src.tensors())
+    n_params = 0
+    for name, (shape, _kind, optional) in expected_tensors(cfg).items():
+        if optional and name not in present:
+            continue
+        n_params += int(np.prod(shape))
+    rows = {"file": str(src.path), "format": f"rwkvcpu {meta.get('format_version', '?')}"}
+    rows.update(_config_rows(cfg))
+    rows["parameters"] = _count(n_params)
+    rows["dtype"] = meta.get("dtype", "?")
+    rows["tensors"] = f"{len(infos)}: {_dtype_counts(infos)}"
+    size = _size_on_disk([src.path])
+    rows["size on disk"] = f"{size:,} bytes ({_human(size)})"
+    for k, v in meta.items():
+        if k in ("tokenizer_json",):
+            rows[k] = f"({len(v):,} characters)"
+        elif k not in ("format", "format_version", "generation", "n_layer", "n_embd", "vocab_size",
+                       "dim_ffn", "head_size", "n_head", "lora_dims", "group_norm_eps", "dtype"):
+            rows[k] = v
+    return rows
+
+
+def _describe_state(src) -> dict:
+    infos = list(src.tensors().values())
+    shape = infos[0].shape
+    rows = {"file": str(src.path), "format": f"state-tuning file ({src.format})",
+            "layers": len(infos),
+            "heads": f"{shape[0]} of size {shape[-1]}" if len(shape) == 3 else json.dumps(list(shape)),
+            "tensors": f"{len(infos)}: {_dtype_counts(infos)}",
+            "size on disk": f"{_size_on_disk(src.files):,} bytes",
+            "use": "rwkvcpu convert MODEL DST --state FILE"}
+    return rows
