@@ -15,7 +15,7 @@ Example:
     >>> from rwkvcpu.tokenizers import load_tokenizer
     >>> tok = load_tokenizer({"tokenizer": "world", "vocab_size": "65536"})
     >>> tok.encode("Hello world")
-    [33155, 41693]
+    [33155, 40213]
     >>> stream = tok.stream()
     >>> "".join(stream.push(t) for t in tok.encode("日本")) + stream.flush()
     '日本'

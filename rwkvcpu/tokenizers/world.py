@@ -118,8 +118,8 @@ class WorldTokenizer(Tokenizer):
     Example:
         >>> tok = WorldTokenizer()
         >>> tok.encode("Hello world")
-        [33155, 41693]
-        >>> tok.decode([33155, 41693])
+        [33155, 40213]
+        >>> tok.decode([33155, 40213])
         'Hello world'
     """
 
