@@ -120,6 +120,8 @@ def scan_globals(data: bytes, path) -> list:
                                         f"refusing it (nothing was run)")
             if name not in _NO_STACK_EFFECT:
                 stack.append(None)
+    except UnsafePickleError:
+        raise
     except (ValueError, struct.error, IndexError) as e:
         raise ModelFormatError(f"{path}: corrupt pickle ({e})") from None
     for module, attr in found:
