@@ -130,6 +130,7 @@ def chat(model_path, threads, system, state_path, **options):
                 out.write(chunk)
                 out.flush()
         except KeyboardInterrupt:
+            # Ctrl-C ends this reply only; the session closes the turn on the next message
             out.write(" [stopped]")
         out.write("\n\n")
         out.flush()

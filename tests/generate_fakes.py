@@ -5,11 +5,14 @@ tokens that follow the script, the logits peak at the script's next byte; any
 other token sends it back to the script's start. Deterministic, instant, and
 byte-level (tokenizer "bytes", vocabulary 256), so tests can reason about
 exactly what a sampler should produce.
+
+Also the fixture tiny_v7_file: a real tiny model converted once per session.
 """
 
 import threading
 
 import numpy as np
+import pytest
 
 from rwkvcpu.config import ModelConfig
 from rwkvcpu.state import State
@@ -71,3 +74,13 @@ class FakeModel:
             self.fed.extend(tokens)
             self.calls += 1
         return (np.stack(rows) if all_logits else rows[-1]), new
+
+
+@pytest.fixture(scope="session")
+def tiny_v7_file(tmp_path_factory):
+    """The shared tiny RWKV-7 (byte-level) converted to an fp32 rwkvcpu file, once per session."""
+    from conftest import tiny_model_path
+    from rwkvcpu.quant.convert import convert
+    dst = tmp_path_factory.mktemp("tiny") / "tiny-v7.safetensors"
+    convert(tiny_model_path("v7"), dst, dtype="fp32", progress=False)
+    return dst
