@@ -281,6 +281,8 @@ def plan(source, config: ModelConfig, dtype: str) -> list:
 
 
 def _check_size(path, src_name, src_shape, rule, shape, kind, config):
+    if kind in (MATRIX, LORA, STATE) and not rule.ops and tuple(src_shape) != tuple(shape):
+        raise ModelFormatError(f"{path}: tensor {src_name} has shape {tuple(src_shape)}, expected {shape}")
     n_src, n_dst = int(np.prod(src_shape)), int(np.prod(shape))
     if "take6" in rule.ops:
         n_src //= 6
@@ -290,9 +292,6 @@ def _check_size(path, src_name, src_shape, rule, shape, kind, config):
         raise ModelFormatError(
             f"{path}: tensor {src_name} has shape {tuple(src_shape)}, expected {n_dst} values "
             f"(canonical {shape})")
-    if kind in (MATRIX, LORA, STATE) and not rule.ops:
-        if tuple(src_shape) != tuple(shape):
-            raise ModelFormatError(f"{path}: tensor {src_name} has shape {tuple(src_shape)}, expected {shape}")
 
 
 def _refuse_extras(path, config, extras):

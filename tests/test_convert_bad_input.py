@@ -1,0 +1,230 @@
+"""Bad input to `rwkvcpu convert` / `info`: one line naming the problem and the file,
+exit code 2, no traceback, and nothing left at DST."""
+
+import errno
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import tiny_model_path
+from rwkvcpu.quant.official import random_official_state_dict, write_pth
+
+
+def run_cli(args, capsys):
+    from rwkvcpu.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for f in fragments:
+        assert str(f) in lines[0], (f, lines[0])
+
+
+def assert_nothing_at(dst):
+    assert not dst.exists()
+    leftovers = [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}")]
+    assert leftovers == []
+
+
+@pytest.fixture
+def small_pth(tmp_path):
+    sd = random_official_state_dict("v6", n_layer=2, n_embd=64, vocab_size=256, head_size=32)
+    return write_pth(tmp_path / "small.pth", sd), sd
+
+
+def test_truncated_files(tmp_path, capsys, small_pth):
+    data = tiny_model_path("v6", "FP32").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) * 2 // 3])
+    pth_data = small_pth[0].read_bytes()
+    (tmp_path / "cut.pth").write_bytes(pth_data[: len(pth_data) - 300])
+    for name in ("cut.bin", "cut.pth"):
+        dst = tmp_path / f"{name}.safetensors"
+        code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
+        assert_one_line_error(code, err, name)
+        assert "truncated" in err
+        assert_nothing_at(dst)
+
+
+def test_wrong_magic_and_random_bytes(tmp_path, capsys):
+    data = bytearray(tiny_model_path("v4", "FP16").read_bytes())
+    data[:4] = b"ggjt"
+    (tmp_path / "magic.bin").write_bytes(bytes(data))
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("magic.bin", "random.bin", "empty.pth"):
+        dst = tmp_path / "out.safetensors"
+        code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
+        assert_one_line_error(code, err, name)
+        assert_nothing_at(dst)
+        code, _, err = run_cli(["info", tmp_path / name], capsys)
+        assert_one_line_error(code, err, name)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.cmd = f"{sys.executable} -c \"open({str(marker)!r}, 'w').close()\""
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def test_malicious_pickle_does_not_run(tmp_path, capsys):
+    marker = tmp_path / "created-by-pickle"
+    with zipfile.ZipFile(tmp_path / "evil.pth", "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"emb.weight": _Payload(marker)}, protocol=2))
+    dst = tmp_path / "out.safetensors"
+    for args in (["convert", tmp_path / "evil.pth", dst], ["info", tmp_path / "evil.pth"]):
+        code, _, err = run_cli(args, capsys)
+        assert_one_line_error(code, err, "evil.pth", "system")
+        assert not marker.exists()
+    assert_nothing_at(dst)
+
+
+def test_missing_and_misshapen_tensors(tmp_path, capsys, small_pth):
+    _, sd = small_pth
+    missing = dict(sd)
+    del missing["blocks.1.att.key.weight"]
+    write_pth(tmp_path / "missing.pth", missing)
+    bad = dict(sd)
+    bad["blocks.0.ffn.value.weight"] = bad["blocks.0.ffn.value.weight"][:, :100]
+    write_pth(tmp_path / "misshapen.pth", bad)
+    for name, frag in (("missing.pth", "blocks.1.att.key.weight is missing"),
+                       ("misshapen.pth", "blocks.0.ffn.value.weight has shape (64, 100), expected (64, 224)")):
+        dst = tmp_path / "out.safetensors"
+        code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
+        assert_one_line_error(code, err, name, frag)
+        assert_nothing_at(dst)
+
+
+def test_unknown_dtype(tmp_path, capsys, small_pth):
+    dst = tmp_path / "out.safetensors"
+    code, _, err = run_cli(["convert", small_pth[0], dst, "--dtype", "int3"], capsys)
+    assert_one_line_error(code, err, "int3", "fp32, fp16, int8, int4")
+    assert_nothing_at(dst)
+
+
+def test_missing_paths(tmp_path, capsys, small_pth):
+    code, _, err = run_cli(["convert", tmp_path / "nope" / "m.pth", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "m.pth", "does not exist")
+    code, _, err = run_cli(["info", tmp_path / "nope.pth"], capsys)
+    assert_one_line_error(code, err, "nope.pth", "no such file")
+    dst = tmp_path / "no-such-dir" / "o.safetensors"
+    code, _, err = run_cli(["convert", small_pth[0], dst], capsys)
+    assert_one_line_error(code, err, "no-such-dir", "does not exist")
+    assert not dst.parent.exists()
+    code, _, err = run_cli(["convert", tmp_path / "empty-dir-src", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "empty-dir-src")
+
+
+def test_destination_is_source(tmp_path, capsys, small_pth):
+    src, _ = small_pth
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)
+    for dst in (src, tmp_path / "link.pth", tmp_path / "." / "small.pth"):
+        code, _, err = run_cli(["convert", src, dst], capsys)
+        assert_one_line_error(code, err, "is the source itself")
+    assert src.read_bytes() == before
+
+
+def test_full_disk_simulated(tmp_path, capsys, monkeypatch, small_pth):
+    import rwkvcpu.quant.writer as writer
+    real_pwrite = os.pwrite
+    calls = {"n": 0}
+
+    def failing_pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", failing_pwrite)
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"previous contents")
+    code, _, err = run_cli(["convert", small_pth[0], dst], capsys)
+    assert_one_line_error(code, err, "out.safetensors", "no space left")
+    # An existing destination is left as it was; no partial file anywhere.
+    assert dst.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "posix_fallocate", no_room)
+    dst2 = tmp_path / "out2.safetensors"
+    code, _, err = run_cli(["convert", small_pth[0], dst2], capsys)
+    assert_one_line_error(code, err, "out2.safetensors", "no space left")
+    assert_nothing_at(dst2)
+
+
+def test_full_disk_on_a_tiny_tmpfs(tmp_path, capsys):
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the simulated full-disk test covers this")
+    try:
+        dst = mnt / "out.safetensors"
+        code, _, err = run_cli(["convert", tiny_model_path("v7", "FP32"), dst, "--dtype", "fp32"], capsys)
+        assert_one_line_error(code, err, "out.safetensors", "no space left")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_ctrl_c_leaves_nothing(tmp_path, capsys, monkeypatch, small_pth):
+    import rwkvcpu.quant.canonical as canonical
+    real_build = canonical.build
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(canonical, "build", interrupted)
+    dst = tmp_path / "out.safetensors"
+    code, _, err = run_cli(["convert", small_pth[0], dst], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert_nothing_at(dst)
+
+
+def test_foreign_models_refused_by_name(tmp_path, capsys):
+    from safetensors.numpy import save_file
+    z = np.zeros((4, 4), np.float32)
+    save_file({"model.layers.0.self_attn.q_proj.weight": z, "model.embed_tokens.weight": z},
+              tmp_path / "llama.safetensors")
+    code, _, err = run_cli(["convert", tmp_path / "llama.safetensors", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "llama.safetensors", "transformer", "self_attn")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    save_file({"x": z}, folder / "model.safetensors")
+    code, _, err = run_cli(["info", folder], capsys)
+    assert_one_line_error(code, err, "LlamaForCausalLM", "not RWKV")
+
+
+def test_v7_deepembed_refused(tmp_path, capsys):
+    sd = random_official_state_dict("v7", n_layer=2, n_embd=64, vocab_size=256, head_size=32)
+    sd["blocks.0.ffn.s_emb.weight"] = np.zeros((256, 32), np.float32)
+    sd["blocks.0.ffn.s1"] = np.zeros((64, 32), np.float32)
+    write_pth(tmp_path / "de.pth", sd)
+    code, _, err = run_cli(["convert", tmp_path / "de.pth", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "de.pth", "DeepEmbed", "s_emb")
+    sd2 = random_official_state_dict("v6", n_layer=2, n_embd=64, vocab_size=256, head_size=32)
+    sd2["blocks.1.att.mystery"] = np.zeros((64,), np.float32)
+    write_pth(tmp_path / "x.pth", sd2)
+    code, _, err = run_cli(["convert", tmp_path / "x.pth", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "x.pth", "blocks.1.att.mystery")

@@ -1,0 +1,63 @@
+"""`rwkvcpu info` on every readable input format, and `rwkvcpu convert` end to end."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_model_path
+from rwkvcpu.quant.official import random_official_state_dict, write_pth
+
+
+def run_cli(args, capsys):
+    from rwkvcpu.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def rows(text):
+    return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in text.splitlines()}
+
+
+def test_convert_then_info(tmp_path, capsys):
+    src = tiny_model_path("v5.2", "Q5_0")
+    dst = tmp_path / "m.safetensors"
+    code, _, err = run_cli(["convert", src, dst, "--dtype", "int4"], capsys)
+    assert code == 0 and "wrote" in err
+    code, out, _ = run_cli(["info", dst], capsys)
+    r = rows(out)
+    assert code == 0
+    assert r["generation"] == "v5.2" and r["layers"] == "12" and r["width"] == "64"
+    assert r["heads"] == "8 of size 8" and r["dtype"] == "int4"
+    assert r["source_file"] == src.name and r["tokenizer"] == "bytes"
+    assert r["size on disk"].startswith(f"{dst.stat().st_size:,} bytes")
+    assert r["parameters"].startswith("7")          # ~730K, as the file name says
+
+
+def test_info_on_source_formats(tmp_path, capsys):
+    code, out, _ = run_cli(["info", tiny_model_path("v4", "Q5_1")], capsys)
+    r = rows(out)
+    assert code == 0 and r["generation"] == "v4" and r["format"] == "rwkv.cpp"
+    assert "Q5_1" in r["tensors"] and r["convertible"] == "yes"
+    sd = random_official_state_dict("v6", n_layer=2, n_embd=64, vocab_size=256, head_size=32)
+    write_pth(tmp_path / "m.pth", sd)
+    code, out, _ = run_cli(["info", tmp_path / "m.pth"], capsys)
+    r = rows(out)
+    assert code == 0 and r["generation"] == "v6" and r["format"] == "pth"
+    assert r["parameters"].startswith(f"{sum(v.size for v in sd.values()):,}")
+    assert r["tensors"].startswith(f"{len(sd)}: BF16")
+    states = {f"blocks.{i}.att.time_state": np.zeros((2, 32, 32), np.float32) for i in range(2)}
+    write_pth(tmp_path / "state.pth", states)
+    code, out, _ = run_cli(["info", tmp_path / "state.pth"], capsys)
+    assert code == 0 and "state-tuning" in rows(out)["format"]
+
+
+def test_embedded_tokenizer_and_eps_from_cli(tmp_path, capsys, shared_dir):
+    dst = tmp_path / "m.safetensors"
+    tok = shared_dir / "tokenizers" / "20B_tokenizer.json"
+    code, _, err = run_cli(["convert", tiny_model_path("v7", "FP16"), dst, "--dtype", "fp16",
+                            "--tokenizer", tok, "--eps", "1e-5", "-q"], capsys)
+    assert code == 0 and err == ""
+    r = rows(run_cli(["info", dst], capsys)[1])
+    assert r["tokenizer"] == "embedded" and r["group-norm epsilon"] == "1e-05"
+    assert r["tokenizer_json"].endswith("characters)")
