@@ -18,7 +18,7 @@ import numpy as np
 
 from . import io
 from .config import ModelConfig
-from .errors import ModelFormatError, RwkvCpuError, StateMismatchError
+from .errors import InvalidArgumentError, ModelFormatError, StateMismatchError
 from .generations import common, v4, v5, v6, v7
 from .state import State, model_fingerprint, state_size
 
@@ -32,10 +32,6 @@ PROMPT_BLOCK = 256
 
 # What an out-of-file checkpoint is converted to when load() is not told.
 DEFAULT_DTYPE = "int8"
-
-
-class InvalidInputError(RwkvCpuError, ValueError):
-    """Tokens or arguments that the model cannot run (empty, out of range, wrong type)."""
 
 
 def physical_cores() -> int:
@@ -61,7 +57,7 @@ def _thread_count(threads) -> int:
         n = physical_cores()
     else:
         if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-            raise InvalidInputError(f"threads must be a positive integer (or None for one per physical core), got {threads!r}")
+            raise InvalidArgumentError(f"threads must be a positive integer (or None for one per physical core), got {threads!r}")
         n = int(threads)
     # numba cannot start more threads than its pool was created with.
     return min(n, numba.config.NUMBA_NUM_THREADS)
@@ -153,7 +149,7 @@ class Model:
             row t predicting the token after tokens[t]), and the new State.
 
         Raises:
-            ValueError (InvalidInputError, StateMismatchError): no tokens, an id out of
+            ValueError (InvalidArgumentError, StateMismatchError): no tokens, an id out of
                 range, or a state of another model or shape; raised before any work.
 
         Example:
@@ -187,27 +183,27 @@ class Model:
     def _check_tokens(self, tokens) -> np.ndarray:
         V = self.config.vocab_size
         if isinstance(tokens, (str, bytes)):
-            raise InvalidInputError(
+            raise InvalidArgumentError(
                 "tokens must be a sequence of integer token ids, not text; "
                 "encode the text first, e.g. model.forward(model.tokenizer.encode(text))")
         try:
             a = np.asarray(tokens)
         except (ValueError, TypeError, OverflowError):
-            raise InvalidInputError("tokens must be a flat sequence of integer token ids, e.g. [510, 1563]") from None
+            raise InvalidArgumentError("tokens must be a flat sequence of integer token ids, e.g. [510, 1563]") from None
         if a.ndim == 0:
-            raise InvalidInputError(f"tokens must be a sequence of token ids; for one token pass [{tokens!r}]")
+            raise InvalidArgumentError(f"tokens must be a sequence of token ids; for one token pass [{tokens!r}]")
         if a.ndim != 1:
-            raise InvalidInputError(f"tokens must be a flat sequence of token ids, got an array of shape {a.shape}")
+            raise InvalidArgumentError(f"tokens must be a flat sequence of token ids, got an array of shape {a.shape}")
         if a.size == 0:
-            raise InvalidInputError(
+            raise InvalidArgumentError(
                 "no tokens: pass at least one token id (the state before any token is model.initial_state())")
         if a.dtype.kind not in "iu":
-            raise InvalidInputError(
+            raise InvalidArgumentError(
                 f"token ids must be integers in [0, {V - 1}], got {a.dtype} values; pass a list of ints")
         bad = np.flatnonzero((a < 0) | (a >= V))
         if bad.size:
             p = int(bad[0])
-            raise InvalidInputError(
+            raise InvalidArgumentError(
                 f"token id {int(a[p])} at position {p} is outside this model's vocabulary: "
                 f"pass ids in [0, {V - 1}]")
         return a.astype(np.int64, copy=False)

@@ -73,20 +73,25 @@ def wkv5(r, k, v, decay, bonus, s, out):
     per_token = decay.shape[0] > 1
     for h in prange(H):
         base = h * S
+        u = bonus[base:base + S]
         for t in range(T):
-            tw = t if per_token else 0
-            for j in range(S):
-                out[t, base + j] = 0.0
+            # 1-D views of this head's rows: LLVM vectorises the j loops over them.
+            w = decay[t if per_token else 0, base:base + S]
+            rt = r[t, base:base + S]
+            kt = k[t, base:base + S]
+            vt = v[t, base:base + S]
+            y = out[t, base:base + S]
+            y[:] = 0.0
             for i in range(S):
-                ri = r[t, base + i]
-                ki = k[t, base + i]
-                wi = decay[tw, base + i]
-                rku = ri * ki * bonus[base + i]
+                row = s[h, i]
+                ri = rt[i]
+                ki = kt[i]
+                wi = w[i]
+                rku = ri * ki * u[i]
                 for j in range(S):
-                    vj = v[t, base + j]
-                    sij = s[h, i, j]
-                    out[t, base + j] += ri * sij + rku * vj
-                    s[h, i, j] = sij * wi + ki * vj
+                    sij = row[j]
+                    y[j] += ri * sij + rku * vt[j]
+                    row[j] = sij * wi + ki * vt[j]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -105,16 +110,23 @@ def wkv7(r, w, k, v, kk, kka, s, out):
     for h in prange(H):
         base = h * S
         for t in range(T):
+            # 1-D views of this head's rows: LLVM vectorises the j loops over them.
+            rt = r[t, base:base + S]
+            wt = w[t, base:base + S]
+            kt = k[t, base:base + S]
+            kkt = kk[t, base:base + S]
+            kat = kka[t, base:base + S]
             for i in range(S):
+                row = s[h, i]
                 sa = np.float32(0.0)
                 for j in range(S):
-                    sa += s[h, i, j] * kk[t, base + j]
+                    sa += row[j] * kkt[j]
                 vi = v[t, base + i]
                 acc = np.float32(0.0)
                 for j in range(S):
-                    sij = s[h, i, j] * w[t, base + j] - sa * kka[t, base + j] + vi * k[t, base + j]
-                    s[h, i, j] = sij
-                    acc += sij * r[t, base + j]
+                    x = row[j] * wt[j] - sa * kat[j] + vi * kt[j]
+                    row[j] = x
+                    acc += x * rt[j]
                 out[t, base + i] = acc
 
 

@@ -121,7 +121,8 @@ def canonical_from_official(generation, sd, group_norm_eps=OFFICIAL_GROUP_NORM_E
                      "E_decay": g["blocks.0.att.time_decay_w1"].shape[1]}
     elif generation == "v7":
         head_size = g["blocks.0.att.r_k"].shape[-1]
-        lora_dims = {n: g["blocks.0.att." + s].shape[1] for n, s in
+        # layer 0 may lack v1 (unused there): read the widths from the last layer
+        lora_dims = {n: g[f"blocks.{L - 1}.att." + s].shape[1] for n, s in
                      (("Dw", "w1"), ("Da", "a1"), ("Dv", "v1"), ("Dg", "g1"))}
     config = ModelConfig(generation, L, D, V, F, head_size=head_size, group_norm_eps=group_norm_eps,
                          lora_dims=lora_dims, tokenizer=tokenizer)
