@@ -213,17 +213,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-def apply_penalties(logits: np.ndarray, occurrence: np.ndarray, seen: np.ndarray,
+def apply_penalties(logits: np.ndarray, seen: np.ndarray, occurrence: np.ndarray,
                     presence: float, frequency: float) -> None:
-    """ChatRWKV's penalties, in place: logits[t] -= presence + frequency * occurrence[t] for seen t.
+    """ChatRWKV's penalties, in place: logits[t] -= presence + frequency * occurrence[t] for t in seen.
 
     Args:
         logits: (V,) float64, changed in place.
+        seen: (n,) int64, the distinct tokens generated so far.
         occurrence: (V,) float64, decayed occurrence counts of generated tokens.
-        seen: (V,) bool, tokens generated at least once.
     """
-    if presence or frequency:
-        logits -= np.where(seen, presence + frequency * occurrence, 0.0)
+    if (presence or frequency) and seen.shape[0]:
+        logits[seen] -= presence + frequency * occurrence[seen]
 
 
 def apply_repetition_penalty(logits: np.ndarray, in_context: np.ndarray, penalty: float) -> None:
@@ -233,47 +233,63 @@ def apply_repetition_penalty(logits: np.ndarray, in_context: np.ndarray, penalty
         logits[in_context] = np.where(x > 0, x / penalty, x * penalty)
 
 
-def kept_tokens(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> Optional[np.ndarray]:
-    """The tokens top-k, top-p and min-p all keep, most probable first.
+# Histogram buckets of kept_tokens: 1/8 nat wide, 64 nats deep (exp(-64) ~ 1e-28).
+BUCKET_WIDTH = 0.125
+N_BUCKETS = 512
 
-    Each filter keeps a run of the most probable tokens of `probs` (ties:
-    lower id first); the intersection is the shortest of the three runs:
-    top-k the first k; top-p the smallest run whose mass is >= top_p;
-    min-p the tokens with probability >= min_p * max(probs).
+
+def _ordered(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """ids sorted most probable first, ties by lower id."""
+    return ids[np.lexsort((ids, -logits[ids]))]
+
+
+def kept_tokens(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> Optional[np.ndarray]:
+    """The tokens top-k, top-p and min-p all keep, for the distribution softmax(logits).
+
+    Each filter keeps a run of the most probable tokens (ties: lower id
+    first); the intersection is the shortest of the three runs: top-k the
+    first k; top-p the smallest run whose probability mass is >= top_p;
+    min-p the tokens with probability >= min_p * the largest probability.
+
+    One histogram pass (kernels/sampling.py) finds where each run ends; only
+    the tokens of the bucket holding a cut are sorted.
 
     Args:
-        probs: (V,) float64 probabilities.
+        logits: (V,) float64, finite or -inf, with a finite maximum.
 
     Returns:
-        the kept ids, or None when no filter is active (every token is kept).
+        the kept ids (deterministic order, not sorted), or None when no
+        filter is active (every token is kept).
     """
-    V = probs.shape[0]
-    limit = V if top_k <= 0 else min(top_k, V)
-    if limit == V and top_p >= 1.0 and min_p <= 0.0:
+    from .kernels.sampling import logit_histogram
+    V = logits.shape[0]
+    if not 0 < top_k < V and top_p >= 1.0 and min_p <= 0.0:
         return None
-    # Sort only as many of the most probable tokens as the filters can keep:
-    # grow the candidate run until one filter's cut falls inside it.
-    m = min(limit, 512)
-    while True:
-        if m < V:
-            cand = np.argpartition(-probs, m - 1)[:m]
-        else:
-            cand = np.arange(V)
-        order = cand[np.lexsort((cand, -probs[cand]))]
-        p = probs[order]
-        n = m if m == limit else None
-        if top_p < 1.0:
-            cum = np.cumsum(p)
-            if cum[-1] >= top_p:
-                cut = int(np.searchsorted(cum, top_p, side="left")) + 1
-                n = cut if n is None else min(n, cut)
-        if min_p > 0.0:
-            below = np.nonzero(p < min_p * p[0])[0]
-            if below.size:
-                n = int(below[0]) if n is None else min(n, int(below[0]))
-        if n is not None or m == V:
-            return order[:max(1, n if n is not None else m)]
-        m = min(limit, m * 8)
+    top = float(logits.max())
+    bucket = np.empty(V, np.int32)
+    count = np.empty(N_BUCKETS, np.int64)
+    mass = np.empty(N_BUCKETS, np.float64)
+    total = logit_histogram(logits, top, BUCKET_WIDTH, bucket, count, mass)
+    n = top_k if 0 < top_k < V else V
+    if min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  logit_i >= top + log(min_p)
+        n = min(n, int(np.count_nonzero(logits >= top + math.log(min_p))))
+    if top_p < 1.0:
+        target = top_p * total
+        cum_mass = np.cumsum(mass)
+        b = min(int(np.searchsorted(cum_mass, target, side="left")), N_BUCKETS - 1)
+        inside = _ordered(logits, np.flatnonzero(bucket == b))
+        before = float(cum_mass[b - 1]) if b else 0.0
+        run = before + np.cumsum(np.exp(logits[inside] - top))
+        j = min(int(np.searchsorted(run, target, side="left")) + 1, inside.shape[0])
+        n = min(n, int(count[:b].sum()) + j)
+    n = max(n, 1)
+    # the first n tokens: whole buckets before the one where n falls, then its first few
+    cum_count = np.cumsum(count)
+    b = int(np.searchsorted(cum_count, n, side="left"))
+    head = np.flatnonzero(bucket < b)
+    tail = _ordered(logits, np.flatnonzero(bucket == b))[:n - head.shape[0]]
+    return np.concatenate([head, tail])
 
 
 def draw(logits: np.ndarray, ids: Optional[np.ndarray], temperature: float, rng: np.random.Generator) -> int:
@@ -314,7 +330,9 @@ class Sampler:
         self.vocab_size = vocab_size
         self.rng = rng if rng is not None else np.random.default_rng(params.seed)
         self.occurrence = np.zeros(vocab_size, np.float64)
-        self.seen = np.zeros(vocab_size, bool)
+        self.seen: list[int] = []           # distinct generated tokens, in order of appearance
+        self._seen_ids = np.zeros(0, np.int64)
+        self._seen_set: set[int] = set()
         self.in_context = np.zeros(vocab_size, bool)
         self.bias = None
         if params.logit_bias or params.banned_tokens:
@@ -335,7 +353,9 @@ class Sampler:
             raise InvalidArgumentError(f"expected {self.vocab_size} logits, got {x.shape[0]}")
         if self.bias is not None:
             x += self.bias
-        apply_penalties(x, self.occurrence, self.seen, p.presence_penalty, p.frequency_penalty)
+        if len(self.seen) != self._seen_ids.shape[0]:
+            self._seen_ids = np.array(self.seen, np.int64)
+        apply_penalties(x, self._seen_ids, self.occurrence, p.presence_penalty, p.frequency_penalty)
         apply_repetition_penalty(x, self.in_context, p.repetition_penalty)
         return x
 
@@ -348,12 +368,14 @@ class Sampler:
                                        "after biases and bans")
         if p.temperature == 0.0:
             return int(np.argmax(x))
-        ids = kept_tokens(softmax(x), p.top_k, p.top_p, p.min_p)
+        ids = kept_tokens(x, p.top_k, p.top_p, p.min_p)
         return draw(x, ids, p.temperature, self.rng)
 
     def accept(self, token: int) -> None:
         """Record a generated token: decay old occurrences, count this one."""
         self.occurrence *= self.params.penalty_decay
+        if token not in self._seen_set:
+            self._seen_set.add(token)
+            self.seen.append(token)
         self.occurrence[token] += 1.0
-        self.seen[token] = True
         self.in_context[token] = True

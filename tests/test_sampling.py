@@ -64,53 +64,67 @@ def test_token_ids_are_checked_against_the_vocabulary():
 
 # ---------------------------------------------------------------- filters
 
-def _prefix_mass(probs, kept):
-    return probs[kept].sum()
+def _order(logits):
+    """Most probable first, ties by lower id: the order every filter keeps a run of."""
+    return np.lexsort((np.arange(logits.shape[0]), -logits))
+
+
+def _probs_logits(V, seed, scale=3.0):
+    logits = random_logits(V, seed).astype(np.float64) * scale / 3.0
+    return softmax(logits), logits
 
 
 @pytest.mark.parametrize("V", [50, 4000, 65536])
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.85, 0.99])
-def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(V, p):
-    probs = softmax(random_logits(V, V).astype(np.float64))
-    kept = kept_tokens(probs, 0, p, 0.0)
-    order = np.argsort(-probs, kind="stable")
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(V, p, scale):
+    probs, logits = _probs_logits(V, V, scale)
+    kept = kept_tokens(logits, 0, p, 0.0)
     n = len(kept)
-    # the most probable tokens, in order
-    assert list(kept) == list(order[:n])
-    # mass >= p, and one token fewer would not reach p
-    assert _prefix_mass(probs, kept) >= p
-    assert _prefix_mass(probs, kept[:-1]) < p
+    order = _order(logits)
+    # the n most probable tokens
+    assert set(kept) == set(order[:n]) and len(set(kept)) == n
+    # their mass reaches p, and one token fewer would not
+    assert probs[order[:n]].sum() >= p - 1e-12
+    assert probs[order[:n - 1]].sum() < p
 
 
 def test_top_p_one_keeps_everything():
-    assert kept_tokens(softmax(np.zeros(10)), 0, 1.0, 0.0) is None
+    assert kept_tokens(np.zeros(10), 0, 1.0, 0.0) is None
 
 
 @pytest.mark.parametrize("k", [1, 5, 40, 1000])
 def test_top_k_keeps_the_k_most_probable(k):
-    probs = softmax(random_logits(3000, 1).astype(np.float64))
-    kept = kept_tokens(probs, k, 1.0, 0.0)
-    assert set(kept) == set(np.argsort(-probs)[:k])
+    _, logits = _probs_logits(3000, 1)
+    kept = kept_tokens(logits, k, 1.0, 0.0)
+    assert len(kept) == k and set(kept) == set(np.argsort(-logits)[:k])
 
 
 def test_min_p_keeps_tokens_at_least_min_p_times_the_best():
-    probs = softmax(random_logits(3000, 2).astype(np.float64))
-    kept = kept_tokens(probs, 0, 1.0, 0.05)
+    probs, logits = _probs_logits(3000, 2)
+    kept = kept_tokens(logits, 0, 1.0, 0.05)
     assert set(kept) == set(np.nonzero(probs >= 0.05 * probs.max())[0])
 
 
 def test_filters_intersect():
-    probs = softmax(random_logits(2000, 3).astype(np.float64))
-    a = set(kept_tokens(probs, 30, 1.0, 0.0))
-    b = set(kept_tokens(probs, 0, 0.9, 0.0))
-    c = set(kept_tokens(probs, 0, 1.0, 0.01))
-    assert set(kept_tokens(probs, 30, 0.9, 0.01)) == a & b & c
+    _, logits = _probs_logits(2000, 3)
+    a = set(kept_tokens(logits, 30, 1.0, 0.0))
+    b = set(kept_tokens(logits, 0, 0.9, 0.0))
+    c = set(kept_tokens(logits, 0, 1.0, 0.01))
+    assert set(kept_tokens(logits, 30, 0.9, 0.01)) == a & b & c
+
+
+def test_ties_resolve_to_lower_ids_and_banned_tokens_are_last():
+    logits = np.zeros(10)
+    logits[[2, 5]] = -np.inf
+    assert sorted(kept_tokens(logits, 3, 1.0, 0.0)) == [0, 1, 3]
+    assert sorted(kept_tokens(logits, 0, 0.5, 0.0)) == [0, 1, 3, 4]   # 4 of 8 equal tokens reach 0.5
+    assert sorted(kept_tokens(logits, 9, 1.0, 0.0)) == [0, 1, 2, 3, 4, 6, 7, 8, 9]
 
 
 def test_samples_only_come_from_the_kept_set():
     logits = random_logits(500, 4)
-    probs = softmax(logits.astype(np.float64))
-    kept = set(kept_tokens(probs, 0, 0.5, 0.0))
+    kept = set(kept_tokens(logits.astype(np.float64), 0, 0.5, 0.0))
     s = Sampler(SamplingParams(top_p=0.5, presence_penalty=0, frequency_penalty=0, seed=0), 500)
     drawn = {s.sample(logits) for _ in range(2000)}
     assert drawn <= kept
@@ -219,7 +233,7 @@ def test_everything_banned_at_runtime_is_a_clear_error():
 
 def test_helpers_do_nothing_when_off():
     x = np.array([1.0, -1.0])
-    apply_penalties(x, np.ones(2), np.ones(2, bool), 0.0, 0.0)
+    apply_penalties(x, np.array([0, 1]), np.ones(2), 0.0, 0.0)
     apply_repetition_penalty(x, np.ones(2, bool), 1.0)
     assert list(x) == [1.0, -1.0]
 
