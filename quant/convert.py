@@ -96,6 +96,11 @@ def open_model(src, *, group_norm_eps=None, tokenizer="world", state=None):
     """
     source = open_source(src)
     try:
+        meta = getattr(source, "metadata", None) or {}
+        if meta.get("format") == FORMAT_NAME:
+            raise ModelFormatError(
+                f"{source.path}: is already an rwkvcpu model ({meta.get('generation')}, {meta.get('dtype')}); "
+                f"convert the original checkpoint to store it differently")
         if is_state_file(source.tensors()):
             raise ModelFormatError(
                 f"{source.path}: is a state-tuning file (only time_state); convert the model it was "

@@ -228,3 +228,11 @@ def test_v7_deepembed_refused(tmp_path, capsys):
     write_pth(tmp_path / "x.pth", sd2)
     code, _, err = run_cli(["convert", tmp_path / "x.pth", tmp_path / "o.safetensors"], capsys)
     assert_one_line_error(code, err, "x.pth", "blocks.1.att.mystery")
+
+
+def test_rwkvcpu_file_as_source(tmp_path, capsys):
+    dst = tmp_path / "m.safetensors"
+    run_cli(["convert", tiny_model_path("v4", "FP16"), dst, "-q"], capsys)
+    code, _, err = run_cli(["convert", dst, tmp_path / "again.safetensors"], capsys)
+    assert_one_line_error(code, err, "m.safetensors", "already an rwkvcpu model")
+    assert_nothing_at(tmp_path / "again.safetensors")
