@@ -148,3 +148,18 @@ def test_non_tensor_entries_refused(tmp_path):
     _pth_with_pickle(tmp_path / "n.pth", pickle.dumps({"emb.weight": 3}, protocol=2))
     with pytest.raises(ModelFormatError, match="'emb.weight' is a int"):
         PthSource(tmp_path / "n.pth")
+
+
+@requires_oracle
+def test_state_dict_of_a_module_and_other_dtypes(tmp_path):
+    import torch
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).to(torch.bfloat16)
+    torch.save(m.state_dict(), tmp_path / "sd.pth")        # an OrderedDict with _metadata
+    with PthSource(tmp_path / "sd.pth") as src:
+        assert np.abs(src.load("0.weight") - m.state_dict()["0.weight"].float().numpy()).max() == 0.0
+    torch.save({"d": torch.arange(3, dtype=torch.float64)}, tmp_path / "f64.pth")
+    with PthSource(tmp_path / "f64.pth") as src:
+        assert src.load("d").tolist() == [0.0, 1.0, 2.0]
+    torch.save({"step": torch.zeros(3, dtype=torch.int64)}, tmp_path / "i.pth")
+    with pytest.raises(ModelFormatError, match="int64 tensors"):
+        PthSource(tmp_path / "i.pth")

@@ -48,9 +48,14 @@ STORAGES = {
     "FloatStorage": _Storage("FloatStorage", "F32"),
     "HalfStorage": _Storage("HalfStorage", "F16"),
     "BFloat16Storage": _Storage("BFloat16Storage", "BF16"),
+    "DoubleStorage": _Storage("DoubleStorage", "F64"),
 }
-_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+# Harmless, but never RWKV weights: named in a clear refusal rather than as unsafe.
+OTHER_STORAGES = {"LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+                  "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+                  "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128"}
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 class _StorageRef:
@@ -125,6 +130,10 @@ def scan_globals(data: bytes, path) -> list:
     except (ValueError, struct.error, IndexError) as e:
         raise ModelFormatError(f"{path}: corrupt pickle ({e})") from None
     for module, attr in found:
+        if module == "torch" and attr in OTHER_STORAGES:
+            raise ModelFormatError(
+                f"{path}: holds {OTHER_STORAGES[attr]} tensors (torch.{attr}); RWKV checkpoints hold "
+                f"bf16, fp16 or fp32 weights only")
         if (module, attr) not in ALLOWED:
             raise UnsafePickleError(
                 f"{path}: pickle asks for {module}.{attr}, which a state dict never needs; "
@@ -266,7 +275,7 @@ class PthSource(Source):
                 base[t.offset:], shape=t.shape, strides=tuple(s * isz for s in t.stride), writeable=False)
         if dt == "BF16":
             return bf16_to_f32(raw)
-        if dt == "F16":
+        if dt in ("F16", "F64"):
             return raw.astype(np.float32)
         return raw
 
