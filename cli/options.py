@@ -72,7 +72,7 @@ def model_option(f):
 
 def threads_option(f):
     return click.option("--threads", type=INT, default=None, metavar="N",
-                        help="CPU threads for the model (default: all cores).")(f)
+                        help="CPU threads for the model (default: one per physical core).")(f)
 
 
 def sampling_options(defaults):
@@ -123,11 +123,13 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presen
                  "stop", "stop_token", "ignore_eos", "seed")
 
 
-def pop_sampling(kwargs: dict) -> dict:
-    """Take the sampling options out of a command's kwargs; return them as make_params keywords.
+def pop_sampling(kwargs: dict) -> tuple:
+    """Take the sampling options out of a command's kwargs.
 
-    Stop tokens are returned apart as ``extra_stop_tokens`` / ``ignore_eos``:
-    the end-of-text id is only known once the model is loaded.
+    Returns:
+        (make_params keywords, --stop-token ids, --ignore-eos): stop tokens
+        come apart because the end-of-text id is only known once the model
+        is loaded (see stop_tokens).
     """
     o = {k: kwargs.pop(k) for k in SAMPLING_KEYS}
     bias = {}
