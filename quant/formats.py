@@ -12,7 +12,8 @@ A matrix W of shape (out, in) is stored as one or more safetensors tensors:
 
 int4 packing: within each group of 32 weights, byte b (0..15) holds weight b in
 its low nibble and weight b + 16 in its high nibble, so a kernel unpacks a
-group with two contiguous 16-wide loops.
+group with two contiguous 16-wide loops. int4's scale and min are fitted per
+group by least squares (see Int4.quantize); the layout does not depend on it.
 
 Groups run along the input dimension, so one outlier column spoils only the
 32 or 64 weights of its group in each row, and a matrix-vector product applies
@@ -122,8 +123,27 @@ class Int4:
         groups = (out_dim, in_dim // cls.group)
         return {"": ("U8", (out_dim, in_dim // 2)), ".scale": ("F16", groups), ".min": ("F16", groups)}
 
+    # Least-squares refits of (scale, min) after the first min/max grid.
+    refits = 2
+
+    @staticmethod
+    def _grid(blk, s, m):
+        """Round blk (n, groups, 32) to the grid q*s+m with s, m stored as fp16.
+
+        Returns (q, s16, m16, squared error per group)."""
+        s16, m16 = np.maximum(s, 0).astype(np.float16), m.astype(np.float16)
+        s32, m32 = s16.astype(np.float32), m16.astype(np.float32)
+        inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 > 0)
+        q = np.clip(np.rint((blk - m32[:, :, None]) * inv[:, :, None]), 0, 15)
+        err = np.square(q * s32[:, :, None] + m32[:, :, None] - blk).sum(axis=2)
+        return q, s16, m16, err
+
     @classmethod
     def quantize(cls, w: np.ndarray) -> dict:
+        """Min/max grid, then `refits` rounds of least squares: with the levels q
+        fixed, the (scale, min) minimising the group's squared error has a closed
+        form; re-rounding to it lowers the error most where a few outliers
+        stretch the min/max range. A refit is kept only where it helps."""
         out_dim, in_dim = w.shape
         g = cls.group
         packed = np.empty((out_dim, in_dim // 2), np.uint8)
@@ -134,10 +154,20 @@ class Int4:
             lo = blk.min(axis=2)
             hi = blk.max(axis=2)
             m16 = lo.astype(np.float16)
-            s16 = ((hi - m16.astype(np.float32)) / 15.0).astype(np.float16)
-            s32, m32 = s16.astype(np.float32), m16.astype(np.float32)
-            inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 > 0)
-            qb = np.clip(np.rint((blk - m32[:, :, None]) * inv[:, :, None]), 0, 15).astype(np.uint8)
+            q, s16, m16, err = cls._grid(blk, (hi - m16.astype(np.float32)) / 15.0, m16.astype(np.float32))
+            for _ in range(cls.refits):
+                sq, sqq = q.sum(axis=2), np.square(q).sum(axis=2)
+                sw, sqw = blk.sum(axis=2), (q * blk).sum(axis=2)
+                det = g * sqq - sq * sq
+                ok = det > 0
+                safe = np.where(ok, det, 1.0)
+                s_fit = (g * sqw - sq * sw) / safe
+                m_fit = (sw - s_fit * sq) / g
+                q2, s2, m2, err2 = cls._grid(blk, s_fit, m_fit)
+                better = ok & (s_fit > 0) & (err2 < err)
+                q = np.where(better[:, :, None], q2, q)
+                s16, m16, err = np.where(better, s2, s16), np.where(better, m2, m16), np.where(better, err2, err)
+            qb = q.astype(np.uint8)
             half = g // 2
             pk = qb[:, :, :half] | (qb[:, :, half:] << 4)
             packed[r0:r0 + _CHUNK_ROWS] = pk.reshape(-1, in_dim // 2)
