@@ -59,7 +59,7 @@ class RenamedSource(Source):
 
     naming = OFFICIAL
 
-    def __init__(self, inner, mapping, fmt, ln0_optional=False):
+    def __init__(self, inner, mapping, fmt, ln0_optional=False, group_norm_eps=None):
         super().__init__(inner.path)
         self.inner = inner
         self.files = inner.files
@@ -72,7 +72,7 @@ class RenamedSource(Source):
             shape = tuple(reversed(info.shape)) if transpose else info.shape
             self._infos[off_name] = TensorInfo(off_name, shape, info.dtype, info.nbytes)
             self._map[off_name] = (src_name, transpose)
-        self._eps = None
+        self._eps = group_norm_eps
 
     def group_norm_eps(self, family):
         return self._eps
@@ -143,8 +143,13 @@ def fla_to_official(name: str):
     return f"blocks.{i}.{part}.{rest}", False
 
 
-def to_official(source):
-    """Wrap a raw source so it presents official keys, whatever HF layout it uses."""
+def to_official(source, fla_eps=None):
+    """Wrap a raw source so it presents official keys, whatever HF layout it uses.
+
+    Args:
+        source: a reader of one file or of a folder's shards.
+        fla_eps: the ln_x epsilon an fla config.json implies, if any.
+    """
     names = set(source.tensors())
     if "rwkv.embeddings.weight" in names:
         mapping = {transformers_to_official(n): (n, False) for n in names}
@@ -154,7 +159,7 @@ def to_official(source):
         for n in names:
             off, transpose = fla_to_official(n)
             mapping[off] = (n, transpose)
-        return RenamedSource(source, mapping, "hf-fla", ln0_optional=True)
+        return RenamedSource(source, mapping, "hf-fla", ln0_optional=True, group_norm_eps=fla_eps)
     return source
 
 
@@ -219,11 +224,11 @@ def open_folder(path, open_file) -> Source:
         for p in parts:
             p.close()
         raise
-    src = to_official(raw)
+    fla_eps = None
+    if "norm_eps" in cfg:
+        # fla's g_norm epsilon is head_dim * norm_eps (64e-5 for head size 64).
+        fla_eps = float(cfg.get("head_dim") or 64) * float(cfg["norm_eps"])
+    src = to_official(raw, fla_eps)
     src.path = path
     src.details = dict(src.details, **({"architectures": ", ".join(archs)} if archs else {}))
-    if src.format == "hf-fla" and "norm_eps" in cfg:
-        # fla's g_norm epsilon is head_dim * norm_eps (64e-5 for head size 64).
-        head_dim = cfg.get("head_dim") or 64
-        src._eps = float(head_dim) * float(cfg["norm_eps"])
     return src
