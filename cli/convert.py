@@ -12,7 +12,7 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 @click.argument("dst")
 @click.option("--dtype", default="int8", show_default=True, metavar="|".join(DTYPES),
               help="Storage of the large matrices; vectors and low-rank matrices stay fp32.")
-@click.option("--eps", type=float, default=None, metavar="FLOAT",
+@click.option("--eps", default=None, metavar="FLOAT",
               help="Group-norm epsilon of ln_x to record (default: the source's own; "
                    "official v5-v7 64e-5, rwkv.cpp v5 1e-5).")
 @click.option("--tokenizer", default=None, metavar="NAME|PATH",
@@ -29,10 +29,16 @@ def convert(src, dst, dtype, eps, tokenizer, state, quiet):
     Example:
       rwkvcpu convert RWKV-x070-World-0.1B.pth rwkv7-0.1b-int8.safetensors --dtype int8
     """
+    from rwkvcpu.errors import ConversionError
     from rwkvcpu.quant.convert import convert as run_convert
     from rwkvcpu.quant.formats import get_format
 
     get_format(dtype)
+    if eps is not None:
+        try:
+            eps = float(eps)
+        except ValueError:
+            raise ConversionError(f"--eps {eps!r} is not a number (e.g. 64e-5)") from None
     t0 = time.perf_counter()
     meta = run_convert(src, dst, dtype=dtype, group_norm_eps=eps, tokenizer=tokenizer,
                        progress=not quiet, state=state)

@@ -236,3 +236,11 @@ def test_rwkvcpu_file_as_source(tmp_path, capsys):
     code, _, err = run_cli(["convert", dst, tmp_path / "again.safetensors"], capsys)
     assert_one_line_error(code, err, "m.safetensors", "already an rwkvcpu model")
     assert_nothing_at(tmp_path / "again.safetensors")
+
+
+def test_bad_eps(tmp_path, capsys, small_pth):
+    for eps, frag in (("abc", "not a number"), ("-1e-5", "must be positive")):
+        dst = tmp_path / "o.safetensors"
+        code, _, err = run_cli(["convert", small_pth[0], dst, "--eps", eps], capsys)
+        assert_one_line_error(code, err, frag)
+        assert_nothing_at(dst)
