@@ -12,10 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
+from . import threads
+from .errors import ModelFormatError
 from .kernels import matvec as K
 
 
@@ -55,8 +58,21 @@ class Int4Matrix(NamedTuple):
 
 
 def _u16(a):
-    a = np.asarray(a)
+    a = np.ascontiguousarray(a)
     return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _check(fmt, values, *groups):
+    """The scale/min arrays must have one entry per group of each row."""
+    n, width = values.shape
+    if fmt == "int4":
+        width *= 2
+    group = 64 if fmt == "int8" else 32
+    for a in groups:
+        if a.shape != (n, width // group) or width % group or a.dtype != np.uint16:
+            raise ModelFormatError(
+                f"{fmt} matrix of shape {(n, width)}: its scales/mins have shape {a.shape} and dtype "
+                f"{a.dtype}, expected {(n, width // group)} float16 (one per {group} weights of a row)")
 
 
 def from_parts(fmt: str, parts: dict):
@@ -64,16 +80,27 @@ def from_parts(fmt: str, parts: dict):
 
     Args:
         fmt: "fp32", "fp16", "int8" or "int4".
-        parts: {suffix: array} as written by quant/formats.py ("" , ".scale", ".min").
+        parts: {suffix: array} as written by quant/formats.py ("", ".scale", ".min").
+
+    Returns:
+        F32Matrix, F16Matrix, Int8Matrix or Int4Matrix (arrays made C-contiguous; no copy
+        when they already are).
+
+    Raises:
+        ModelFormatError: scales or mins whose shape does not fit the values.
     """
     if fmt == "fp32":
-        return F32Matrix(np.asarray(parts[""], dtype=np.float32))
+        return F32Matrix(np.ascontiguousarray(parts[""], dtype=np.float32))
     if fmt == "fp16":
         return F16Matrix(_u16(parts[""]))
     if fmt == "int8":
-        return Int8Matrix(np.asarray(parts[""]), _u16(parts[".scale"]))
+        m = Int8Matrix(np.ascontiguousarray(parts[""]), _u16(parts[".scale"]))
+        _check(fmt, m.q, m.scale)
+        return m
     if fmt == "int4":
-        return Int4Matrix(np.asarray(parts[""]), _u16(parts[".scale"]), _u16(parts[".min"]))
+        m = Int4Matrix(np.ascontiguousarray(parts[""]), _u16(parts[".scale"]), _u16(parts[".min"]))
+        _check(fmt, m.q, m.scale, m.min)
+        return m
     raise ValueError(f"unknown matrix format {fmt!r}")
 
 
@@ -89,31 +116,73 @@ def nbytes(m) -> int:
     return sum(a.nbytes for a in m)
 
 
+# Matrices whose values (not counting scales) are smaller than this run their matvec on the calling thread: waking
+# the thread team costs a few microseconds, as long as streaming ~100 KB.
+_PARALLEL_MIN_BYTES = 1 << 17
+
+
+class _ActivationScratch(threading.local):
+    """Per calling thread: the int16 activations of the quantized kernels, by (width, groups)."""
+
+    def __init__(self):
+        self.by_shape = {}
+
+    def get(self, m: int, ngroups: int):
+        bufs = self.by_shape.get((m, ngroups))
+        if bufs is None:
+            bufs = self.by_shape[(m, ngroups)] = (
+                np.empty(m, np.int16), np.empty(ngroups, np.float32), np.empty(ngroups, np.float32))
+        return bufs
+
+
+_scratch = _ActivationScratch()
+
+
 def matvec(m, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = W @ x.   x: (in,) f32, out: (out,) f32"""
+    """out = W @ x.
+
+    Args:
+        m: a matrix container (F32Matrix, F16Matrix, Int8Matrix, Int4Matrix) of shape (n, k).
+        x: (k,) float32.
+        out: (n,) float32, written.
+
+    Returns:
+        out.
+    """
     t = type(m)
+    parallel = m[0].nbytes >= _PARALLEL_MIN_BYTES
     if t is Int8Matrix:
-        K.matvec_i8(m.q, m.scale, x, out)
+        xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
+        (K.matvec_i8 if parallel else K.matvec_i8_serial)(m.q, m.scale, x, xq, xs, xsum, out)
     elif t is Int4Matrix:
-        xsums = np.empty(m.scale.shape[1], np.float32)
-        K.group_sums(x, x.shape[0] // m.scale.shape[1], xsums)
-        K.matvec_i4(m.q, m.scale, m.min, x, xsums, out)
+        xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
+        (K.matvec_i4 if parallel else K.matvec_i4_serial)(m.q, m.scale, m.min, x, xq, xs, xsum, out)
     elif t is F16Matrix:
-        K.matvec_f16(m.w, x, out)
+        (K.matvec_f16 if parallel else K.matvec_f16_serial)(m.w, x, out)
     else:
-        K.matvec_f32(m.w, x, out)
+        (K.matvec_f32 if parallel else K.matvec_f32_serial)(m.w, x, out)
     return out
 
 
 def dequantize_rows(m, r0: int, out: np.ndarray) -> np.ndarray:
-    """out[k, :] = W[r0 + k, :] as float32.   out: (rows, in) f32"""
+    """out[k, :] = W[r0 + k, :] as float32.
+
+    Args:
+        m: a matrix container of shape (n, k).
+        r0: first row.
+        out: (rows, k) float32, C-contiguous; rows r0 .. r0 + rows - 1 are written to it.
+
+    Returns:
+        out.
+    """
     t = type(m)
+    serial = out.nbytes < _PARALLEL_MIN_BYTES
     if t is Int8Matrix:
-        K.dequantize_rows_i8(m.q, m.scale, r0, out)
+        (K.dequantize_rows_i8_serial if serial else K.dequantize_rows_i8)(m.q, m.scale, r0, out)
     elif t is Int4Matrix:
-        K.dequantize_rows_i4(m.q, m.scale, m.min, r0, out)
+        (K.dequantize_rows_i4_serial if serial else K.dequantize_rows_i4)(m.q, m.scale, m.min, r0, out)
     elif t is F16Matrix:
-        K.dequantize_rows_f16(m.w, r0, out)
+        (K.dequantize_rows_f16_serial if serial else K.dequantize_rows_f16)(m.w, r0, out)
     else:
         out[:] = m.w[r0:r0 + out.shape[0]]
     return out
@@ -125,23 +194,68 @@ def dequantize(m) -> np.ndarray:
     return dequantize_rows(m, 0, out)
 
 
-# Rows of W dequantized at a time by matmul: a 256 x 4096 fp32 tile is 4 MB.
-_TILE_ROWS = 256
+# Rows of W dequantized at a time by one GEMM worker: about 1 MB of float32,
+# so the tile stays in the core's L2 cache while BLAS reads it T times.
+_TILE_BYTES = 1 << 20
+
+
+class _TileScratch(threading.local):
+    """Per thread: the float32 tile one GEMM worker dequantizes into."""
+
+    def __init__(self):
+        self.buf = np.empty(0, np.float32)
+
+    def get(self, rows: int, k: int) -> np.ndarray:
+        if self.buf.size < rows * k:
+            self.buf = np.empty(rows * k, np.float32)
+        return self.buf[:rows * k].reshape(rows, k)
+
+
+_tiles = _TileScratch()
+
+_SPLIT_MIN_MACS = 1 << 22
+
+_SERIAL_DEQUANTIZE = {
+    Int8Matrix: lambda m, r0, t: K.dequantize_rows_i8_serial(m.q, m.scale, r0, t),
+    Int4Matrix: lambda m, r0, t: K.dequantize_rows_i4_serial(m.q, m.scale, m.min, r0, t),
+    F16Matrix: lambda m, r0, t: K.dequantize_rows_f16_serial(m.w, r0, t),
+}
+
+
+def _gemm_rows(m, X, out, r0, r1):
+    """out[:, r0:r1] = X @ W[r0:r1].T, dequantizing a tile of rows at a time."""
+    if type(m) is F32Matrix:
+        np.matmul(X, m.w[r0:r1].T, out=out[:, r0:r1])
+        return
+    k = m.shape[1]
+    step = max(8, _TILE_BYTES // (4 * k))
+    tile = _tiles.get(min(step, r1 - r0), k)
+    dequantize = _SERIAL_DEQUANTIZE[type(m)]
+    for t0 in range(r0, r1, step):
+        rows = min(step, r1 - t0)
+        dequantize(m, t0, tile[:rows])
+        np.matmul(X, tile[:rows].T, out=out[:, t0:t0 + rows])
 
 
 def matmul(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = X @ W.T for T tokens at once (one GEMM per matrix).
+    """out = X @ W.T for T tokens at once: one GEMM per matrix.
 
-    X: (T, in) f32, out: (T, out) f32. fp32 weights go straight to BLAS; other
-    formats are dequantized a tile of rows at a time into a float32 buffer.
+    The output columns (rows of W) are split into one contiguous block per
+    thread (rwkvcpu.threads.current()); each thread dequantizes its block a
+    tile at a time into float32 and multiplies it with BLAS on that thread.
+
+    Args:
+        m: a matrix container of shape (n, k).
+        X: (T, k) float32.
+        out: (T, n) float32, written.
+
+    Returns:
+        out.
     """
-    if type(m) is F32Matrix:
-        np.matmul(X, m.w.T, out=out)
-        return out
     n, k = m.shape
-    tile = np.empty((min(_TILE_ROWS, n), k), np.float32)
-    for r0 in range(0, n, _TILE_ROWS):
-        rows = min(_TILE_ROWS, n - r0)
-        t = dequantize_rows(m, r0, tile[:rows])
-        np.matmul(X, t.T, out=out[:, r0:r0 + rows])
+    # Below ~4M multiply-adds (0.1 ms) a second thread costs more than it saves.
+    parts = 1 if X.shape[0] * n * k < _SPLIT_MIN_MACS else max(1, min(threads.current(), n // 16))
+    # Block edges on multiples of 16 rows keep each block's columns aligned.
+    edges = [min(n, (n * p // parts + 15) // 16 * 16) for p in range(parts)] + [n]
+    threads.parallel_for(lambda p: _gemm_rows(m, X, out, edges[p], edges[p + 1]), parts)
     return out

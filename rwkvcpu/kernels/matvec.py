@@ -1,18 +1,66 @@
 """Matrix-vector kernels, one per storage format: out = W @ x.
 
-W is (out, in) in the layouts of quant/formats.py; fp16 data (values, scales,
-mins) arrive as uint16 bit patterns. Each kernel is parallel over output rows
-and writes into `out`; none allocates.
+W is (n, m) = (out, in) in the layouts of quant/formats.py; fp16 data (values,
+scales, mins) arrive as uint16 bit patterns. Kernels write into `out` and the
+scratch arrays passed in; none allocates.
+
+Each kernel exists twice: `matvec_*` runs in parallel over output rows (numba's
+static schedule: each thread streams one contiguous run of rows), and
+`matvec_*_serial` is the same code on the calling thread, for matrices so small
+that starting the thread team costs more than it saves.
+
+The quantized kernels first quantize x to int16 with one float scale per weight
+group (`quantize_activations`), so each group's dot product is exact integer
+arithmetic (pmaddwd / vpdpwssd) and only one int-to-float conversion and one
+FMA per group remain. The int16 rounding moves each x[j] by at most
+max|x over its group| / 65534: a relative error of ~1.5e-5, well below the
+weights' own quantization error.
 """
 
 import numpy as np
 from numba import njit, prange
 
 from .f16 import f16_to_f32
+from .simd import dequantize_group, dot_group, dot_groups8, f32x8_fma, f32x8_load, f32x8_mul, f32x8_sum, f32x8_zero
+
+# Reassociation and FMA contraction, but neither "nnan" nor "ninf": a NaN or
+# infinite activation must still reach the output.
+_FINITE_UNSAFE = {"contract", "reassoc", "arcp", "afn", "nsz"}
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_f32(w, x, out):
+@njit(fastmath=_FINITE_UNSAFE, cache=True)
+def quantize_activations(x, xq, xs, xsum):
+    """Per group g of G = m / ngroups consecutive x: xs[g] = max|x_g| / 32767,
+    xq = rint(x / xs[g]), xsum[g] = sum(x_g).
+    x: (m,) f32, xq: (m,) i16, xs: (ngroups,) f32, xsum: (ngroups,) f32
+
+    A group holding an inf or NaN gets xs[g] = NaN (and xq = 0), so the
+    products that use it come out NaN, as the float product would.
+    """
+    ng = xs.shape[0]
+    gs = x.shape[0] // ng
+    for g in range(ng):
+        lo = g * gs
+        amax = np.float32(0.0)
+        total = np.float32(0.0)
+        for j in range(lo, lo + gs):
+            amax = max(amax, abs(x[j]))
+            total += x[j]
+        xsum[g] = total
+        # max() skips NaNs; the sum does not (and only a NaN or an inf makes it non-finite).
+        if not (abs(total) < np.float32(np.inf)):
+            xs[g] = np.float32(np.nan)
+            for j in range(lo, lo + gs):
+                xq[j] = 0
+            continue
+        scale = amax / np.float32(32767.0)
+        xs[g] = scale
+        inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
+        for j in range(lo, lo + gs):
+            xq[j] = np.int16(np.rint(x[j] * inv))
+
+
+def _matvec_f32(w, x, out):
     """out[i] = sum_j w[i, j] x[j].   w: (n, m) f32, x: (m,) f32, out: (n,) f32"""
     n, m = w.shape
     for i in prange(n):
@@ -22,9 +70,8 @@ def matvec_f32(w, x, out):
         out[i] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_f16(w, x, out):
-    """w: (n, m) u16 (fp16 bits), x: (m,) f32, out: (n,) f32"""
+def _matvec_f16(w, x, out):
+    """out[i] = sum_j f32(w[i, j]) x[j].   w: (n, m) u16 (fp16 bits), x: (m,) f32, out: (n,) f32"""
     n, m = w.shape
     for i in prange(n):
         acc = np.float32(0.0)
@@ -33,89 +80,92 @@ def matvec_f16(w, x, out):
         out[i] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_i8(q, scale, x, out):
-    """out[i] = sum_g scale[i, g] * sum_{j in g} q[i, j] x[j].
-    q: (n, m) i8, scale: (n, m/G) u16 (fp16 bits), x: (m,) f32, out: (n,) f32"""
+def _matvec_i8(q, scale, x, xq, xs, xsum, out):
+    """out[i] = sum_g scale[i, g] xs[g] sum_{j in g} q[i, j] xq[j]   (groups of 64)
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), x: (m,) f32, out: (n,) f32;
+    scratch: xq: (m,) i16, xs, xsum: (m/64,) f32 (see quantize_activations)."""
+    quantize_activations(x, xq, xs, xsum)
     n, m = q.shape
-    ngroups = scale.shape[1]
-    gs = m // ngroups
+    ng = scale.shape[1]
+    full = ng // 8 * 8
     for i in prange(n):
-        acc = np.float32(0.0)
-        for g in range(ngroups):
-            part = np.float32(0.0)
-            base = g * gs
-            for j in range(gs):
-                part += np.float32(q[i, base + j]) * x[base + j]
-            acc += part * f16_to_f32(scale[i, g])
-        out[i] = acc
+        acc = f32x8_zero()
+        for g in range(0, full, 8):
+            c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, g))
+            acc = dot_groups8(acc, q, i * m + 64 * g, xq, 64 * g, c)
+        for g in range(full, ng):
+            acc = dot_group(acc, q, i * m + 64 * g, xq, 64 * g, f16_to_f32(scale[i, g]) * xs[g])
+        out[i] = f32x8_sum(acc)
 
 
-@njit(fastmath=True, cache=True)
-def group_sums(x, gs, sums):
-    """sums[g] = sum of x over group g.   x: (m,) f32, sums: (m/gs,) f32"""
-    for g in range(sums.shape[0]):
-        s = np.float32(0.0)
-        for j in range(gs):
-            s += x[g * gs + j]
-        sums[g] = s
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matvec_i4(q, scale, minimum, x, xsums, out):
-    """out[i] = sum_g scale[i,g] * sum_{j in g} q[i,j] x[j] + min[i,g] * xsums[g].
-    q: (n, m/2) u8 (two 4-bit weights per byte, low nibble = weight b, high = b+16 of its group of 32),
-    scale, minimum: (n, m/32) u16 (fp16 bits), x: (m,) f32, xsums: (m/32,) f32, out: (n,) f32"""
-    n = q.shape[0]
-    ngroups = scale.shape[1]
-    half = q.shape[1] // ngroups
-    gs = 2 * half
+def _matvec_i4(q, scale, minimum, x, xq, xs, xsum, out):
+    """out[i] = sum_g scale[i, g] xs[g] sum_{j in g} q[i, j] xq[j] + min[i, g] xsum[g]   (groups of 32)
+    q: (n, m/2) u8 (byte b of a group: weight b in the low nibble, b + 16 in the high),
+    scale, minimum: (n, m/32) u16 (fp16 bits), x: (m,) f32, out: (n,) f32;
+    scratch: xq: (m,) i16, xs, xsum: (m/32,) f32 (see quantize_activations)."""
+    quantize_activations(x, xq, xs, xsum)
+    n, half = q.shape
+    ng = scale.shape[1]
+    full = ng // 8 * 8
     for i in prange(n):
-        acc = np.float32(0.0)
-        for g in range(ngroups):
-            lo = np.float32(0.0)
-            hi = np.float32(0.0)
-            qb = g * half
-            xb = g * gs
-            for b in range(half):
-                byte = q[i, qb + b]
-                lo += np.float32(byte & 15) * x[xb + b]
-                hi += np.float32(byte >> 4) * x[xb + half + b]
-            acc += (lo + hi) * f16_to_f32(scale[i, g]) + f16_to_f32(minimum[i, g]) * xsums[g]
-        out[i] = acc
+        acc = f32x8_zero()
+        for g in range(0, full, 8):
+            c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, g))
+            acc = f32x8_fma(acc, f32x8_load(minimum, i * ng + g), f32x8_load(xsum, g))
+            acc = dot_groups8(acc, q, i * half + 16 * g, xq, 32 * g, c)
+        tail = np.float32(0.0)
+        for g in range(full, ng):
+            acc = dot_group(acc, q, i * half + 16 * g, xq, 32 * g, f16_to_f32(scale[i, g]) * xs[g])
+            tail += f16_to_f32(minimum[i, g]) * xsum[g]
+        out[i] = f32x8_sum(acc) + tail
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def dequantize_rows_f16(w, r0, out):
-    """out[k, :] = W[r0 + k, :].   w: (n, m) u16, out: (rows, m) f32"""
+matvec_f32 = njit(parallel=True, fastmath=True, cache=True)(_matvec_f32)
+matvec_f16 = njit(parallel=True, fastmath=True, cache=True)(_matvec_f16)
+matvec_i8 = njit(parallel=True, fastmath=True, cache=True)(_matvec_i8)
+matvec_i4 = njit(parallel=True, fastmath=True, cache=True)(_matvec_i4)
+matvec_f32_serial = njit(fastmath=True, cache=True)(_matvec_f32)
+matvec_f16_serial = njit(fastmath=True, cache=True)(_matvec_f16)
+matvec_i8_serial = njit(fastmath=True, cache=True)(_matvec_i8)
+matvec_i4_serial = njit(fastmath=True, cache=True)(_matvec_i4)
+
+
+def _dequantize_rows_f16(w, r0, out):
+    """out[k, :] = W[r0 + k, :].   w: (n, m) u16 (fp16 bits), out: (rows, m) f32"""
     rows, m = out.shape
     for k in prange(rows):
         for j in range(m):
             out[k, j] = f16_to_f32(w[r0 + k, j])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def dequantize_rows_i8(q, scale, r0, out):
-    """q: (n, m) i8, scale: (n, m/G) u16, out: (rows, m) f32"""
+def _dequantize_rows_i8(q, scale, r0, out):
+    """out[k, j] = q[r0 + k, j] * scale[r0 + k, j // 64].   q: (n, m) i8, scale: (n, m/64) u16, out: (rows, m) f32"""
     rows, m = out.shape
-    gs = m // scale.shape[1]
-    for k in prange(rows):
-        for j in range(m):
-            out[k, j] = np.float32(q[r0 + k, j]) * f16_to_f32(scale[r0 + k, j // gs])
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def dequantize_rows_i4(q, scale, minimum, r0, out):
-    """q: (n, m/2) u8, scale, minimum: (n, m/32) u16, out: (rows, m) f32"""
-    rows, m = out.shape
-    ngroups = scale.shape[1]
-    half = q.shape[1] // ngroups
+    ng = scale.shape[1]
     for k in prange(rows):
         i = r0 + k
-        for g in range(ngroups):
-            s = f16_to_f32(scale[i, g])
-            mn = f16_to_f32(minimum[i, g])
-            for b in range(half):
-                byte = q[i, g * half + b]
-                out[k, g * 2 * half + b] = np.float32(byte & 15) * s + mn
-                out[k, g * 2 * half + half + b] = np.float32(byte >> 4) * s + mn
+        for g in range(ng):
+            dequantize_group(q, i * m + 64 * g, f16_to_f32(scale[i, g]), np.float32(0.0), out, k * m + 64 * g)
+
+
+def _dequantize_rows_i4(q, scale, minimum, r0, out):
+    """out[k, 32 g + b] = (low nibble of q[r0 + k, 16 g + b]) * scale + min, out[k, 32 g + 16 + b] from the high nibble.
+    q: (n, m/2) u8, scale, minimum: (n, m/32) u16, out: (rows, m) f32"""
+    rows, m = out.shape
+    half = q.shape[1]
+    ng = scale.shape[1]
+    for k in prange(rows):
+        i = r0 + k
+        for g in range(ng):
+            dequantize_group(q, i * half + 16 * g, f16_to_f32(scale[i, g]), f16_to_f32(minimum[i, g]),
+                             out, k * m + 32 * g)
+
+
+# Parallel over rows, for the engine's own calls; serial and GIL-free, for the
+# GEMM workers of matrix.matmul (each dequantizes its own tiles).
+dequantize_rows_f16 = njit(parallel=True, fastmath=True, cache=True)(_dequantize_rows_f16)
+dequantize_rows_i8 = njit(parallel=True, fastmath=True, cache=True)(_dequantize_rows_i8)
+dequantize_rows_i4 = njit(parallel=True, fastmath=True, cache=True)(_dequantize_rows_i4)
+dequantize_rows_f16_serial = njit(nogil=True, fastmath=True, cache=True)(_dequantize_rows_f16)
+dequantize_rows_i8_serial = njit(nogil=True, fastmath=True, cache=True)(_dequantize_rows_i8)
+dequantize_rows_i4_serial = njit(nogil=True, fastmath=True, cache=True)(_dequantize_rows_i4)

@@ -1,0 +1,171 @@
+"""The matrix kernels against quant/formats.py (the ground truth of each format) and numpy.
+
+Every test draws fresh random inputs; the seed is in the failure message.
+Shapes are deliberately odd: row counts that split unevenly between threads,
+input widths whose group count is not a multiple of the 8 groups the SIMD
+kernels take at a time, single rows and single groups.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from rwkvcpu import matrix as M
+from rwkvcpu.kernels import matvec as K
+from rwkvcpu.quant.formats import FORMATS
+
+FORMAT_NAMES = ("fp32", "fp16", "int8", "int4")
+
+# (rows, input width): widths are multiples of 64 so that every format applies.
+SHAPES = [(1, 64), (3, 64 * 3), (7, 128), (33, 64 * 13), (130, 64 * 9), (257, 1024), (64, 64 * 16 + 64)]
+
+
+def _rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return np.random.default_rng(seed), seed
+
+
+def _matrix(fmt, w):
+    parts = FORMATS[fmt].quantize(w)
+    return M.from_parts(fmt, parts), FORMATS[fmt].dequantize(parts).astype(np.float64)
+
+
+def _activation_bound(fmt, wd, x):
+    """How far the kernel may be from wd @ x (float64): float32 rounding, plus for
+    int8/int4 the int16 rounding of x (half a step of max|x over its group| / 32767)."""
+    bound = 1e-5 * (np.abs(wd) @ np.abs(x)) + 1e-30
+    group = FORMATS[fmt].group
+    if fmt in ("int8", "int4"):
+        step = np.repeat(np.abs(x).reshape(-1, group).max(axis=1) / 32767.0, group)
+        bound += np.abs(wd) @ (0.5 * step) * 1.01
+    return bound
+
+
+def _x(rng, k):
+    # Mixed magnitudes within a group, as activations with outliers have.
+    x = rng.standard_normal(k).astype(np.float32)
+    x[rng.integers(0, k, max(1, k // 50))] *= 30
+    return x
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matvec_matches_dequantized_product(fmt, shape):
+    rng, seed = _rng()
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 2)).astype(np.float32)
+    m, wd = _matrix(fmt, w)
+    x = _x(rng, shape[1])
+    out = np.full(shape[0], np.nan, np.float32)
+    assert M.matvec(m, x, out) is out
+    ref = wd @ x.astype(np.float64)
+    err = np.abs(out - ref)
+    bound = _activation_bound(fmt, wd, x.astype(np.float64))
+    assert np.all(err <= bound), f"seed {seed}: worst excess {np.max(err / bound):.3g}x the bound"
+
+
+@pytest.mark.parametrize("fmt", ("fp32", "fp16", "int8", "int4"))
+def test_serial_and_parallel_kernels_agree(fmt):
+    """The same kernel code runs on one thread for small matrices and on all for big ones."""
+    rng, seed = _rng()
+    w = rng.standard_normal((301, 64 * 11)).astype(np.float32)
+    m, _ = _matrix(fmt, w)
+    x = _x(rng, w.shape[1])
+    a = np.empty(301, np.float32)
+    b = np.empty(301, np.float32)
+    name = {"fp32": "f32", "fp16": "f16", "int8": "i8", "int4": "i4"}[fmt]
+    args = tuple(m)
+    if fmt in ("int8", "int4"):
+        ng = m.scale.shape[1]
+        args += (x, np.empty(w.shape[1], np.int16), np.empty(ng, np.float32), np.empty(ng, np.float32))
+    else:
+        args += (x,)
+    getattr(K, f"matvec_{name}")(*args, a)
+    getattr(K, f"matvec_{name}_serial")(*args, b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+def test_quantized_matvec_propagates_nan_and_inf(fmt):
+    rng, _ = _rng()
+    m, _ = _matrix(fmt, rng.standard_normal((40, 256)).astype(np.float32))
+    for bad in (np.nan, np.inf):
+        x = rng.standard_normal(256).astype(np.float32)
+        x[100] = bad
+        out = np.zeros(40, np.float32)
+        M.matvec(m, x, out)
+        assert np.all(np.isnan(out)), bad
+
+
+def test_zero_activations_give_zero():
+    rng, _ = _rng()
+    for fmt in ("int8", "int4"):
+        m, wd = _matrix(fmt, rng.standard_normal((20, 128)).astype(np.float32))
+        x = np.zeros(128, np.float32)
+        x[:64] = rng.standard_normal(64)   # the second group is all zeros
+        out = np.empty(20, np.float32)
+        M.matvec(m, x, out)
+        xd = x.astype(np.float64)
+        assert np.all(np.abs(out - wd @ xd) <= _activation_bound(fmt, wd, xd))
+
+
+def test_activation_quantization():
+    rng, seed = _rng()
+    x = _x(rng, 32 * 7)
+    xq = np.empty(x.shape, np.int16)
+    xs = np.empty(7, np.float32)
+    xsum = np.empty(7, np.float32)
+    K.quantize_activations(x, xq, xs, xsum)
+    g = x.reshape(7, 32)
+    np.testing.assert_allclose(xs, np.abs(g).max(axis=1) / 32767, rtol=1e-6, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(xsum, g.sum(axis=1), rtol=1e-5, atol=1e-5)
+    assert np.abs(xq).max() <= 32767
+    back = xq.reshape(7, 32) * xs[:, None]
+    assert np.all(np.abs(back - g) <= xs[:, None] * 0.51), f"seed {seed}"
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_dequantize_rows_matches_format(fmt):
+    rng, seed = _rng()
+    w = rng.standard_normal((150, 64 * 5)).astype(np.float32)
+    parts = FORMATS[fmt].quantize(w)
+    m = M.from_parts(fmt, parts)
+    ref = FORMATS[fmt].dequantize(parts)
+    whole = M.dequantize(m)
+    np.testing.assert_allclose(whole, ref, rtol=1e-6, atol=1e-7, err_msg=f"seed {seed}")
+    # One row (the embedding lookup), and a block in the middle, serial and parallel sizes.
+    for r0, rows in ((0, 1), (149, 1), (17, 3), (5, 140)):
+        out = np.empty((rows, w.shape[1]), np.float32)
+        M.dequantize_rows(m, r0, out)
+        np.testing.assert_allclose(out, ref[r0:r0 + rows], rtol=1e-6, atol=1e-7, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("T,n,k", [(2, 33, 64), (7, 300, 192), (40, 517, 256), (64, 1024, 320)])
+def test_matmul_matches_dequantized_gemm(fmt, T, n, k):
+    rng, seed = _rng()
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    m, wd = _matrix(fmt, w)
+    X = rng.standard_normal((T, k)).astype(np.float32)
+    out = np.full((T, n), np.nan, np.float32)
+    assert M.matmul(m, X, out) is out
+    ref = X.astype(np.float64) @ wd.T
+    bound = 1e-5 * (np.abs(X.astype(np.float64)) @ np.abs(wd).T)
+    assert np.all(np.abs(out - ref) <= bound), f"seed {seed}"
+
+
+def test_from_parts_rejects_mismatched_scales():
+    from rwkvcpu.errors import ModelFormatError
+    parts = FORMATS["int8"].quantize(np.ones((4, 128), np.float32))
+    with pytest.raises(ModelFormatError, match="int8"):
+        M.from_parts("int8", {"": parts[""], ".scale": parts[".scale"][:, :1]})
+    parts = FORMATS["int4"].quantize(np.ones((4, 64), np.float32))
+    with pytest.raises(ModelFormatError, match="int4"):
+        M.from_parts("int4", {"": parts[""], ".scale": parts[".scale"], ".min": parts[".min"][:3]})
+
+
+def test_nbytes_counts_every_part():
+    parts = FORMATS["int4"].quantize(np.ones((8, 64), np.float32))
+    m = M.from_parts("int4", parts)
+    assert M.nbytes(m) == 8 * 32 + 2 * (8 * 2 * 2)
+    assert M.format_of(m) == "int4"

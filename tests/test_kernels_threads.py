@@ -1,0 +1,79 @@
+"""Thread control: rwkvcpu.threads.configure and the GEMM workers of matrix.matmul."""
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+from rwkvcpu import matrix as M
+from rwkvcpu import threads
+from rwkvcpu.quant.formats import FORMATS
+
+
+@pytest.fixture
+def restore_threads():
+    before = numba.get_num_threads()
+    yield
+    numba.set_num_threads(before)
+
+
+def test_configure_sets_numba_threads(restore_threads):
+    assert threads.configure(1) == 1
+    assert numba.get_num_threads() == 1 == threads.current()
+    n = threads.configure(None)
+    assert n == min(threads.physical_cores(), numba.config.NUMBA_NUM_THREADS)
+    assert threads.configure(10_000) == numba.config.NUMBA_NUM_THREADS
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_configure_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="threads"):
+        threads.configure(bad)
+
+
+def test_configure_caps_blas_at_one_thread(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threads.configure(2)
+    for lib in threadpoolctl.threadpool_info():
+        if lib["user_api"] == "blas":
+            assert lib["num_threads"] == 1, lib
+
+
+def test_parallel_for_runs_every_task_once(restore_threads):
+    threads.configure(2)
+    seen = []
+    lock = threading.Lock()
+
+    def task(k):
+        with lock:
+            seen.append(k)
+
+    threads.parallel_for(task, 5)
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+def test_parallel_for_reraises(restore_threads):
+    threads.configure(2)
+
+    def task(k):
+        if k == 1:
+            raise RuntimeError("task 1 failed")
+
+    with pytest.raises(RuntimeError, match="task 1"):
+        threads.parallel_for(task, 2)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("fmt", ("fp32", "int8", "int4"))
+def test_matmul_same_result_on_any_thread_count(restore_threads, n_threads, fmt):
+    """A GEMM big enough to be split between threads gives the dequantized product."""
+    rng = np.random.default_rng()
+    w = rng.standard_normal((700, 512)).astype(np.float32)
+    parts = FORMATS[fmt].quantize(w)
+    m = M.from_parts(fmt, parts)
+    X = rng.standard_normal((32, 512)).astype(np.float32)
+    threads.configure(n_threads)
+    out = M.matmul(m, X, np.empty((32, 700), np.float32))
+    ref = X.astype(np.float64) @ FORMATS[fmt].dequantize(parts).T.astype(np.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
