@@ -75,7 +75,7 @@ def resolve_tokenizer(tokenizer, vocab_size: int) -> tuple:
     return "embedded", text
 
 
-def sha256_of(paths, progress=None) -> str:
+def sha256_of(paths) -> str:
     """SHA-256 of the files' bytes, concatenated in the order given."""
     h = hashlib.sha256()
     for p in paths:

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 import pickle
 import struct
@@ -201,7 +200,7 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 
 def _value(rel, shape, rng, ctx):
     """Plausible trained-model values for one official tensor."""
-    i, n_layer, d = ctx["layer"], ctx["n_layer"], ctx["D"]
+    i, n_layer = ctx["layer"], ctx["n_layer"]
     depth = i / max(n_layer - 1, 1)
     n = int(np.prod(shape))
     lin = np.linspace(0.0, 1.0, n)
@@ -224,7 +223,7 @@ def _value(rel, shape, rng, ctx):
     last = rel.split(".")[-1]
     if last.startswith(("time_mix", "time_maa_")) and len(shape) == 3 and shape[0] == 1:
         return u(0.0, 1.0)
-    if last.startswith("x_") or last in ("ffn.x_k",):
+    if last.startswith("x_"):
         return u(0.0, 1.0)
     if last == "time_decay":
         if ctx["generation"] == "v4":
