@@ -3,8 +3,8 @@
 It "knows" one script of bytes and predicts its next byte: after feeding
 tokens that follow the script, the logits peak at the script's next byte; any
 other token sends it back to the script's start. Deterministic, instant, and
-byte-level (tokenizer "bytes", vocabulary 256), so tests can reason about
-exactly what a sampler should produce.
+byte-level by default (tokenizer "bytes", vocabulary 256; "world" on
+request), so tests can reason about exactly what a sampler should produce.
 
 Also the fixture tiny_v7_file: a real tiny model converted once per session.
 """
@@ -26,19 +26,24 @@ class FakeModel:
     """forward(tokens, state=None, *, all_logits=False) -> (logits, new state), like rwkvcpu.Model.
 
     Args:
-        script: the text the model predicts, cyclically.
-        peak: how much the script's next byte stands above the others.
+        script: the text the model predicts, cyclically (as tokens of its tokenizer).
+        peak: how much the script's next token stands above the others.
+        tokenizer: "bytes" (vocabulary 256) or "world" (65536).
+        end_of_text: the script ends with the end-of-text token.
     """
 
-    def __init__(self, script="Once upon a time.\n\n", peak=6.0, tokenizer="bytes"):
-        self.config = ModelConfig("v7", n_layer=1, n_embd=16, vocab_size=256, dim_ffn=16,
+    def __init__(self, script="Once upon a time.\n\n", peak=None, tokenizer="bytes", end_of_text=False):
+        vocab = 65536 if tokenizer == "world" else 256
+        self.config = ModelConfig("v7", n_layer=1, n_embd=16, vocab_size=vocab, dim_ffn=16,
                                   head_size=16, tokenizer=tokenizer)
         self.metadata = dict(self.config.to_metadata(), format="rwkvcpu", format_version="1")
         self.fingerprint = "fake" + script.encode().hex()[:60]
         self.tokenizer = load_tokenizer(self.metadata)
-        self.script = np.frombuffer(script.encode("utf-8"), np.uint8).astype(np.int64)
-        self.peak = peak
-        self.noise = np.random.default_rng(0).normal(size=(len(self.script), 256)).astype(np.float32)
+        tokens = self.tokenizer.encode(script) + ([self.tokenizer.eos_token_id] if end_of_text else [])
+        self.script = np.array(tokens, np.int64)
+        # the largest of 65536 normal draws is about 4.5: the peak must clear it
+        self.peak = peak if peak is not None else (6.0 if vocab == 256 else 12.0)
+        self.noise = np.random.default_rng(0).normal(size=(len(self.script), vocab)).astype(np.float32)
         self.fed = []            # every token ever fed, in order (all threads)
         self.calls = 0
         self._lock = threading.Lock()
@@ -60,7 +65,7 @@ class FakeModel:
         d = new.data
         rows = []
         for t in tokens:
-            if not 0 <= t < 256:
+            if not 0 <= t < self.config.vocab_size:
                 raise ValueError(f"token {t} out of range")
             pos = int(d[POS])
             if t == self.script[pos % len(self.script)]:

@@ -123,3 +123,13 @@ def test_extra_stop_strings_are_kept_with_the_blank_line():
     assert chat.ask("x") == "Hi"
     chat.state
     assert fed_text(m).endswith("Assistant: Hi there\n\n")
+
+
+def test_world_chat_format_tokens():
+    m = FakeModel(" 你好！\n\n", tokenizer="world")
+    chat = ChatSession(m, **GREEDY)
+    assert chat.ask("Hi") == "你好！"
+    chat.state
+    tok = m.tokenizer
+    assert m.fed[:len(tok.encode("User: Hi\n\nAssistant:"))] == tok.encode("User: Hi\n\nAssistant:")
+    assert tok.decode(m.fed) == "User: Hi\n\nAssistant: 你好！\n\n"

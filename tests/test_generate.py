@@ -100,6 +100,26 @@ def test_multibyte_characters_are_never_split():
     assert "本" in chunks and "😀" in chunks    # whole characters, emitted once complete
 
 
+def test_world_model_streams_whole_characters_and_stops_at_end_of_text():
+    script = "你好，世界！😀 Ünïcödé 東京スカイツリー\n\n"
+    m = FakeModel(script, tokenizer="world", end_of_text=True)
+    ids = m.tokenizer.encode(script)
+    assert any(not _valid_utf8(m.tokenizer.token_bytes(t)) for t in ids)   # some tokens split characters
+    g = generate(m, script[:2], max_tokens=100, **GREEDY)
+    chunks = list(g)
+    assert "".join(chunks) == script[2:]
+    assert all("\ufffd" not in c for c in chunks)
+    assert g.finish_reason == "stop_token" and 0 not in g.tokens
+
+
+def _valid_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def test_a_character_cut_by_max_tokens_is_dropped():
     m = FakeModel("a日b")
     assert complete(m, "a", max_tokens=2, **GREEDY) == ""
