@@ -14,6 +14,7 @@ docs/FORMAT.md lists the same transforms for readers of the file format.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -208,10 +209,11 @@ RULES = {
 CONSUMED = ("blocks.0.ln0.weight", "blocks.0.ln0.bias")
 UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
-# Extras some v7 variants carry, with the name users know them by.
-V7_EXTRAS = (("s_emb", "DeepEmbed"), ("s0", "DeepEmbed"), ("s1", "DeepEmbed"), ("s2", "DeepEmbed"),
-             ("qq", "DEA attention"), ("k1", "DEA attention"), ("k2", "DEA attention"),
-             ("lambd", "DEA attention"))
+# Extras of RWKV-7 variants, by a pattern of their keys: v7b adds Deep Embedding
+# Attention (blocks.N.qkv.*: qq, k1, k2, k_emb, v_emb, lnq, ...) on top of v7a's
+# DeepEmbed (blocks.N.ffn.s_emb, s_emb_x, s0, s1, s2). v7b is checked first.
+V7_EXTRAS = ((re.compile(r"^blocks\.\d+\.qkv\."), "DEA attention (RWKV-7b)"),
+             (re.compile(r"^blocks\.\d+\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)"), "DeepEmbed (RWKV-7a)"))
 
 
 def rule_for(naming: str, config: ModelConfig, name: str) -> tuple:
@@ -296,11 +298,11 @@ def _check_size(path, src_name, src_shape, rule, shape, kind, config):
 
 def _refuse_extras(path, config, extras):
     if config.family == "v7":
-        for key, what in V7_EXTRAS:
-            hits = [k for k in extras if f".{key}." in k + "." or k.endswith(f".{key}")]
+        for pattern, what in V7_EXTRAS:
+            hits = [k for k in extras if pattern.match(k)]
             if hits:
                 raise UnsupportedModelError(
-                    f"{path}: RWKV-7 with {what} extras (found {', '.join(hits[:2])}) is not supported; "
+                    f"{path}: RWKV-7 with {what} is not supported (found {', '.join(hits[:2])}); "
                     f"rwkvcpu runs the plain RWKV-7 architecture")
     shown = ", ".join(extras[:3]) + (f" and {len(extras) - 3} more" if len(extras) > 3 else "")
     raise UnsupportedModelError(

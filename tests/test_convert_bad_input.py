@@ -223,6 +223,15 @@ def test_v7_deepembed_refused(tmp_path, capsys):
     write_pth(tmp_path / "de.pth", sd)
     code, _, err = run_cli(["convert", tmp_path / "de.pth", tmp_path / "o.safetensors"], capsys)
     assert_one_line_error(code, err, "de.pth", "DeepEmbed", "s_emb")
+    sd["blocks.1.qkv.qq.weight"] = np.zeros((256, 64), np.float32)
+    sd["blocks.1.qkv.k1"] = np.zeros((64, 32), np.float32)
+    write_pth(tmp_path / "dea.pth", sd)
+    # info still describes it, and says why it cannot be converted.
+    code, out, _ = run_cli(["info", tmp_path / "dea.pth"], capsys)
+    line = [x for x in out.splitlines() if x.startswith("convertible:")][0]
+    assert code == 0 and line.split(":", 1)[1].strip().startswith("no:") and "DEA attention" in line
+    code, _, err = run_cli(["convert", tmp_path / "dea.pth", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "dea.pth", "DEA attention", "blocks.1.qkv.")
     sd2 = random_official_state_dict("v6", n_layer=2, n_embd=64, vocab_size=256, head_size=32)
     sd2["blocks.1.att.mystery"] = np.zeros((64,), np.float32)
     write_pth(tmp_path / "x.pth", sd2)
