@@ -10,7 +10,7 @@ from rwkvcpu.errors import RwkvCpuError
 from rwkvcpu.generate import CHAT_DEFAULTS
 
 from .options import (load_model, model_option, pop_sampling, sampling_options, stop_tokens,
-                      threads_option)
+                      text_stdout, threads_option)
 
 HELP = """\
 Commands:
@@ -102,7 +102,7 @@ def chat(model_path, threads, system, state_path, **options):
         except ImportError:
             pass
         click.echo("Chatting. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.", err=True)
-    out = sys.stdout
+    out = text_stdout()
     while True:
         try:
             line = read_message(interactive, session.user)

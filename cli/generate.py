@@ -10,7 +10,7 @@ from rwkvcpu.errors import InvalidArgumentError
 from rwkvcpu.sampling import SamplingParams
 
 from .options import (load_model, model_option, pop_sampling, sampling_options, stop_tokens,
-                      threads_option)
+                      text_stdout, threads_option)
 
 
 def read_prompt(prompt):
@@ -60,7 +60,7 @@ def generate(prompt, model_path, threads, echo, stats, **options):
     params = params.replace(stop_tokens=stop_tokens(tokenizer, extra_stops, ignore_eos))
     run = start_generation(model, prompt, params)
 
-    out = sys.stdout
+    out = text_stdout()
     if echo:
         out.write(prompt)
         out.flush()

@@ -7,7 +7,9 @@ rwkvcpu.cli.main) rather than click's several-line usage error.
 from __future__ import annotations
 
 import codecs
+import io
 import os
+import sys
 
 import click
 
@@ -61,6 +63,20 @@ def unescape(text: str) -> str:
         return codecs.decode(text.encode("utf-8", "surrogatepass"), "unicode_escape") if "\\" in text else text
     except UnicodeDecodeError:
         raise InvalidArgumentError(f"bad backslash escape in {text!r}") from None
+
+
+def text_stdout():
+    """sys.stdout, set to replace characters its encoding cannot show instead of raising.
+
+    A model can write any character; a pipe on a legacy code page must not
+    turn an emoji into a traceback.
+    """
+    out = sys.stdout
+    try:
+        out.reconfigure(errors="replace")
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+    return out
 
 
 def model_option(f):

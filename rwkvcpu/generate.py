@@ -236,9 +236,14 @@ class Generation:
                 yield text
         else:
             self.finish_reason = "length"
-        tail = self._emit(stopper.flush() + stream.flush())
-        if tail:
-            yield tail
+        text, stop = stopper.push(stream.flush())
+        if stop is not None:
+            self.finish_reason, self.stop_string = "stop", stop
+        else:
+            text += stopper.flush()
+        text = self._emit(text)
+        if text:
+            yield text
 
 
 def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, state=None,
