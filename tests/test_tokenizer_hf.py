@@ -131,3 +131,10 @@ def test_text_stream_decoder_holds_incomplete_text():
     assert out == ["a", "", "", "日", "b"]
     assert stream.push(0xE6) == ""
     assert stream.flush() == ""
+
+
+def test_tokenizer_files_ship_inside_the_package():
+    from importlib.resources import files
+    here = files("rwkvcpu.tokenizers")
+    assert (here / "rwkv_vocab_v20230424.txt").is_file()
+    assert (here / "20B_tokenizer.json").is_file()
