@@ -406,3 +406,28 @@ __all__ = ["OFFICIAL_TENSORS", "OFFICIAL_DTYPE", "official_tensors", "random_off
 
 # Generation -> the OfficialTensor specs of its checkpoints (global and per layer).
 OFFICIAL_TENSORS = {g: tuple(t for t in GLOBAL + BLOCK if g in t.generations) for g in GENERATIONS}
+
+
+def main(argv=None):
+    """`python -m rwkvcpu.quant.official OUT.pth --generation v7 --layers 24 --width 1024 --vocab 65536`:
+    write a random official-layout checkpoint (bf16), tensor by tensor, for benchmarks."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m rwkvcpu.quant.official", description=main.__doc__)
+    ap.add_argument("out")
+    ap.add_argument("--generation", default="v7", choices=GENERATIONS)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default=OFFICIAL_DTYPE, choices=tuple(_STORAGE))
+    ap.add_argument("--time-state", action="store_true", help="add state-tuning tensors")
+    a = ap.parse_args(argv)
+    tensors = iter_random_official(a.generation, a.layers, a.width, a.vocab, head_size=a.head_size,
+                                   seed=a.seed, time_state=a.time_state)
+    print(write_pth(a.out, tensors, dtype=a.dtype))
+
+
+if __name__ == "__main__":
+    main()
