@@ -5,7 +5,7 @@ See models/README.md for its model card.
 
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "rwkv7-tiny-stories.safetensors"
+DEFAULT_MODEL_NAME = "rwkv7-13m-gutenberg.safetensors"
 
 
 def default_model_path() -> Path:
