@@ -201,8 +201,6 @@ class Generation:
             self._pending = None
 
     def _emit(self, text: str) -> str:
-        if self._lstrip and not self.text:
-            text = text.lstrip()
         self.text += text
         return text
 
@@ -225,7 +223,12 @@ class Generation:
             self.tokens.append(token)
             self.stats.generated_tokens += 1
             self._pending = token
-            text, stop = stopper.push(stream.push(token))
+            piece = stream.push(token)
+            if self._lstrip and not self.text and not stopper.held:
+                # a reply starts at its first visible character: a leading
+                # blank line is not yet the end of the turn
+                piece = piece.lstrip()
+            text, stop = stopper.push(piece)
             text = self._emit(text)
             if stop is not None:
                 self.finish_reason, self.stop_string = "stop", stop

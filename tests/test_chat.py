@@ -133,3 +133,12 @@ def test_world_chat_format_tokens():
     tok = m.tokenizer
     assert m.fed[:len(tok.encode("User: Hi\n\nAssistant:"))] == tok.encode("User: Hi\n\nAssistant:")
     assert tok.decode(m.fed) == "User: Hi\n\nAssistant: 你好！\n\n"
+
+
+def test_a_reply_does_not_end_before_its_first_visible_character():
+    # a model that starts its reply with a blank line (the turn separator)
+    m = FakeModel("\n\n Hi.\n\n")
+    chat = ChatSession(m, **GREEDY)
+    assert chat.ask("x") == "Hi."
+    chat.state
+    assert m.tokenizer.decode(m.fed) == "User: x\n\nAssistant:\n\n Hi.\n\n"
