@@ -155,9 +155,10 @@ def test_subprocess_without_shipped_model_or_with_it():
         assert "shipped with rwkvcpu is not installed" in p.stderr
 
 
-def test_help_does_not_load_the_engine():
+@pytest.mark.parametrize("command", ["generate", "chat", "perplexity"])
+def test_help_does_not_load_the_engine(command):
     code = ("import sys; from click.testing import CliRunner; from rwkvcpu.cli.main import cli; "
-            "r = CliRunner().invoke(cli, ['generate', '--help']); "
+            f"r = CliRunner().invoke(cli, [{command!r}, '--help']); "
             "print(r.exit_code, 'numba' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "False", "False"], out.stderr
