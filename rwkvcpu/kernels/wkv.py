@@ -56,8 +56,7 @@ def wkv4(k, v, log_decay, bonus, aa, bb, pp, out):
         pp[c] = p
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def wkv5(r, k, v, decay, bonus, s, out):
+def _wkv5(r, k, v, decay, bonus, s, out):
     """RWKV-5/6 recurrence, per head h (i: key channel, j: value channel):
 
         out[t, j] = sum_i r[t, i] * (bonus[i] * k[t, i] * v[t, j] + s[i, j])
@@ -94,8 +93,7 @@ def wkv5(r, k, v, decay, bonus, s, out):
                     row[j] = sij * wi + ki * vt[j]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def wkv7(r, w, k, v, kk, kka, s, out):
+def _wkv7(r, w, k, v, kk, kka, s, out):
     """RWKV-7 recurrence (the generalised delta rule), per head (i: value channel, j: key channel):
 
         s[i, j] = s[i, j] * w[t, j] - (sum_l s[i, l] kk[t, l]) * kka[t, j] + v[t, i] * k[t, j]
@@ -128,6 +126,30 @@ def wkv7(r, w, k, v, kk, kka, s, out):
                     row[j] = x
                     acc += x * rt[j]
                 out[t, base + i] = acc
+
+
+# Each recurrence is compiled twice: parallel over heads, and serial (prange
+# runs as range) for calls too small to be worth waking the thread team, such
+# as one token of a small model.
+wkv5_parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(_wkv5)
+wkv5_serial = njit(fastmath=FASTMATH, cache=True)(_wkv5)
+wkv7_parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(_wkv7)
+wkv7_serial = njit(fastmath=FASTMATH, cache=True)(_wkv7)
+
+# Multiply-adds (T * H * S * S) below which a recurrence runs on the calling thread.
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def wkv5(r, k, v, decay, bonus, s, out):
+    """See _wkv5; picks the serial or parallel compiled kernel by the amount of work."""
+    small = r.shape[0] * s.size < PARALLEL_MIN_WORK
+    (wkv5_serial if small else wkv5_parallel)(r, k, v, decay, bonus, s, out)
+
+
+def wkv7(r, w, k, v, kk, kka, s, out):
+    """See _wkv7; picks the serial or parallel compiled kernel by the amount of work."""
+    small = r.shape[0] * s.size < PARALLEL_MIN_WORK
+    (wkv7_serial if small else wkv7_parallel)(r, w, k, v, kk, kka, s, out)
 
 
 @njit(fastmath=FASTMATH, cache=True)
