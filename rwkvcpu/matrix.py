@@ -151,6 +151,9 @@ def matvec(m, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """
     t = type(m)
     parallel = m[0].nbytes >= _PARALLEL_MIN_BYTES
+    if t is Int8Matrix or t is Int4Matrix:
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
     if t is Int8Matrix:
         xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
         (K.matvec_i8 if parallel else K.matvec_i8_serial)(m.q, m.scale, x, xq, xs, xsum, out)
@@ -241,8 +244,8 @@ def matmul(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = X @ W.T for T tokens at once: one GEMM per matrix.
 
     The output columns (rows of W) are split into one contiguous block per
-    thread (rwkvcpu.threads.current()); each thread dequantizes its block a
-    tile at a time into float32 and multiplies it with BLAS on that thread.
+    thread (rwkvcpu.threads.gemm_threads()); each thread dequantizes its block
+    a tile at a time into float32 and multiplies it with BLAS on that thread.
 
     Args:
         m: a matrix container of shape (n, k).
@@ -254,7 +257,7 @@ def matmul(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
     """
     n, k = m.shape
     # Below ~4M multiply-adds (0.1 ms) a second thread costs more than it saves.
-    parts = 1 if X.shape[0] * n * k < _SPLIT_MIN_MACS else max(1, min(threads.current(), n // 16))
+    parts = 1 if X.shape[0] * n * k < _SPLIT_MIN_MACS else max(1, min(threads.gemm_threads(), n // 16))
     # Block edges on multiples of 16 rows keep each block's columns aligned.
     edges = [min(n, (n * p // parts + 15) // 16 * 16) for p in range(parts)] + [n]
     threads.parallel_for(lambda p: _gemm_rows(m, X, out, edges[p], edges[p + 1]), parts)

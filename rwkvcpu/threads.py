@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 _SPINCOUNT = "20000"
 
@@ -122,6 +122,12 @@ def current() -> int:
     return numba.get_num_threads()
 
 
+def gemm_threads() -> int:
+    """How many blocks to split a GEMM into: current() once `configure` has
+    capped BLAS at one thread; before that, 1 (BLAS threads it on its own)."""
+    return current() if _blas_capped else 1
+
+
 def _resize_pool(n: int) -> None:
     global _pool, _pool_size
     # The caller runs one share itself, so n threads need n - 1 workers.
@@ -133,18 +139,21 @@ def _resize_pool(n: int) -> None:
 
 
 def parallel_for(task: Callable[[int], None], count: int) -> None:
-    """Run task(0), ..., task(count - 1), at most `current()` at a time.
+    """Run task(0), ..., task(count - 1) on `count` threads: the caller runs
+    task(0) and pool workers (started on first use) the others.
 
-    The calling thread runs task(0) itself while the workers run the others;
-    returns when all are done, re-raising the first exception. Tasks must
+    Returns when all are done, re-raising the first exception. Tasks must
     release the GIL for their heavy part (numpy.matmul and nogil numba
     kernels do) and must not write the same memory.
     """
-    if count <= 1 or _pool_size == 0:
+    if count <= 1:
         for k in range(count):
             task(k)
         return
-    futures = [_pool.submit(task, k) for k in range(1, count)]
+    with _lock:
+        _resize_pool(count)
+        pool = _pool
+    futures = [pool.submit(task, k) for k in range(1, count)]
     try:
         task(0)
     finally:

@@ -21,43 +21,52 @@ import numpy as np
 from numba import njit, prange
 
 from .f16 import f16_to_f32
-from .simd import dequantize_group, dot_group, dot_groups8, f32x8_fma, f32x8_load, f32x8_mul, f32x8_sum, f32x8_zero
+from .simd import (dequantize_group, dot_group, dot_groups8, f32_bits, f32x8_absmax, f32x8_add,
+                   f32x8_fma, f32x8_load, f32x8_max, f32x8_mul, f32x8_sum, f32x8_zero)
 
-# Reassociation and FMA contraction, but neither "nnan" nor "ninf": a NaN or
-# infinite activation must still reach the output.
-_FINITE_UNSAFE = {"contract", "reassoc", "arcp", "afn", "nsz"}
+# Exponent bits of a float32: all set for inf and NaN.
+_EXPONENT = 0x7F800000
 
 
-@njit(fastmath=_FINITE_UNSAFE, cache=True)
+@njit(fastmath=True, cache=True)
 def quantize_activations(x, xq, xs, xsum):
     """Per group g of G = m / ngroups consecutive x: xs[g] = max|x_g| / 32767,
     xq = rint(x / xs[g]), xsum[g] = sum(x_g).
-    x: (m,) f32, xq: (m,) i16, xs: (ngroups,) f32, xsum: (ngroups,) f32
+    x: (m,) f32, xq: (m,) i16, xs: (ngroups,) f32, xsum: (ngroups,) f32 (all C-contiguous; G % 8 == 0)
 
     A group holding an inf or NaN gets xs[g] = NaN (and xq = 0), so the
     products that use it come out NaN, as the float product would.
     """
     ng = xs.shape[0]
     gs = x.shape[0] // ng
+    # A 2-D view: indices that are visibly non-negative let LLVM vectorise the loops.
+    xg = x.reshape((ng, gs))
+    qg = xq.reshape((ng, gs))
     for g in range(ng):
-        lo = g * gs
-        amax = np.float32(0.0)
-        total = np.float32(0.0)
-        for j in range(lo, lo + gs):
-            amax = max(amax, abs(x[j]))
-            total += x[j]
+        vmax = f32x8_zero()
+        vsum = f32x8_zero()
+        for j in range(g * gs, g * gs + gs, 8):
+            v = f32x8_load(x, j)
+            vmax = f32x8_absmax(vmax, v)
+            vsum = f32x8_add(vsum, v)
+        total = f32x8_sum(vsum)
         xsum[g] = total
-        # max() skips NaNs; the sum does not (and only a NaN or an inf makes it non-finite).
-        if not (abs(total) < np.float32(np.inf)):
+        # inf or NaN: all exponent bits set. Tested on the bits, because
+        # fastmath lets LLVM assume that no float is either.
+        special = np.int32(0)
+        for j in range(gs):
+            special |= np.int32((f32_bits(xg[g, j]) & _EXPONENT) == _EXPONENT)
+        if special:
             xs[g] = np.float32(np.nan)
-            for j in range(lo, lo + gs):
-                xq[j] = 0
+            for j in range(gs):
+                qg[g, j] = 0
             continue
+        amax = f32x8_max(vmax)
         scale = amax / np.float32(32767.0)
         xs[g] = scale
         inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
-        for j in range(lo, lo + gs):
-            xq[j] = np.int16(np.rint(x[j] * inv))
+        for j in range(gs):
+            qg[g, j] = np.int16(np.rint(xg[g, j] * inv))
 
 
 def _matvec_f32(w, x, out):

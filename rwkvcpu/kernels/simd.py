@@ -170,6 +170,48 @@ def f32x8_load(typingctx, a, off):
 
 
 @intrinsic
+def f32x8_add(typingctx, a, b):
+    """a + b, lane-wise"""
+    if a != f32x8 or b != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1], flags=("fast",))
+    return f32x8(f32x8, f32x8), codegen
+
+
+@intrinsic
+def f32x8_absmax(typingctx, m, a):
+    """max(m, |a|), lane-wise (for m >= 0; a NaN lane of a gives either)"""
+    if m != f32x8 or a != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        mv, av = args
+        mask = ir.Constant(ir.VectorType(_i32, LANES), [0x7FFFFFFF] * LANES)
+        absa = builder.bitcast(builder.and_(builder.bitcast(av, mask.type), mask), _f32v)
+        return builder.select(builder.fcmp_ordered(">", absa, mv), absa, mv)
+    return f32x8(f32x8, f32x8), codegen
+
+
+@intrinsic
+def f32x8_max(typingctx, v):
+    """max(v[0], ..., v[7])   -> float32"""
+    if v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, n = args[0], LANES
+        while n > 1:
+            lo = builder.shuffle_vector(x, x, _lanes(range(n // 2)))
+            hi = builder.shuffle_vector(x, x, _lanes(range(n // 2, n)))
+            x = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
+            n //= 2
+        return builder.extract_element(x, ir.Constant(_i32, 0))
+    return types.float32(f32x8), codegen
+
+
+@intrinsic
 def f32x8_mul(typingctx, a, b):
     """a * b, lane-wise"""
     if a != f32x8 or b != f32x8:
@@ -285,3 +327,15 @@ def dequantize_group(typingctx, q, qoff, scale, minimum, out, ooff):
         builder.store(res, _vector_ptr(context, builder, sig.args[4], oa, oo, n), align=1)
         return context.get_dummy_value()
     return types.none(q, qoff, scale, minimum, out, ooff), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bit pattern of float32 x as int32: integer tests on it (is x finite?)
+    are not folded away by fast-math, which assumes finite floats."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _i32)
+    return types.int32(types.float32), codegen

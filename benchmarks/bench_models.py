@@ -1,0 +1,418 @@
+"""rwkvcpu against the reference `rwkv` package, on random models at the official shapes.
+
+    python benchmarks/bench_models.py                     # everything, writes benchmarks/RESULTS.md
+    python benchmarks/bench_models.py --shapes v7-0.1b --tokens 50 --out /tmp/r.md   # a quick look
+
+For each shape: a random checkpoint in the official .pth layout
+(rwkvcpu.quant.official), converted to fp32, fp16, int8 and int4. Each
+model is timed in a fresh process (`rwkvcpu bench --json`), and so is the
+reference package (`reference_worker.py`, strategy 'cpu fp32'). The
+memory bandwidth is measured in the same run, before and after the models
+(the best reading counts: a roofline must not flatter us), and each row shows
+its roofline (weight bytes read per token / bandwidth) and the share reached.
+int8/int4/fp16 logits are compared with fp32's by KL divergence on the same
+tokens, so that a fast but wrong kernel cannot pass for a win.
+
+The machine is shared: the CPU time that other processes took during each
+measurement is recorded next to it ("busy").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (generation, layers, width, vocabulary); the official model sizes.
+SHAPES = {
+    "v4-169m": ("v4", 12, 768, 50277),
+    "v7-0.1b": ("v7", 12, 768, 65536),
+    "v7-0.4b": ("v7", 24, 1024, 65536),
+    "v6-1.6b": ("v6", 24, 2048, 65536),
+}
+DTYPES = ("fp32", "fp16", "int8", "int4")
+# Tokens fed to every dtype of a shape for the KL comparison.
+KL_TOKENS = 64
+# The targets of issue 5, checked on this shape.
+TARGET_SHAPE = "v7-0.4b"
+# A v7 model with the 0.1B model's 12 layers and every call of its decode step,
+# but 64-wide: its time per token is the Python and dispatch overhead.
+OVERHEAD_SHAPE = ("v7", 12, 64, 256)
+
+
+# ------------------------------------------------------------------ machine
+
+def _cpu_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:3]) + sum(v[5:8]), sum(v)
+
+
+class Busy:
+    """CPU time that other processes used while a child ran, as a share of all cores."""
+
+    def __enter__(self):
+        self.j0 = _cpu_jiffies()
+        self.c0 = os.times()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        busy0, _ = self.j0
+        busy1, _ = _cpu_jiffies()
+        c1 = os.times()
+        wall = time.perf_counter() - self.t0
+        hz = os.sysconf("SC_CLK_TCK")
+        ours = (c1.children_user - self.c0.children_user + c1.children_system - self.c0.children_system
+                + c1.user - self.c0.user + c1.system - self.c0.system)
+        others = max(0.0, (busy1 - busy0) / hz - ours)
+        self.share = others / (wall * os.cpu_count())
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["simd"] = " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
+                                                    "avx_vnni", "gfni") if f in flags)
+                break
+        with open("/proc/meminfo") as f:
+            info["memory_gb"] = round(int(f.readline().split()[1]) / 1e6, 1)
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            info["l3"] = f.read().strip()
+    except OSError:
+        pass
+    import numba
+    import numpy
+    from rwkvcpu.threads import physical_cores
+    info.update(physical_cores=physical_cores(), numpy=numpy.__version__, numba=numba.__version__)
+    try:
+        import threadpoolctl
+        blas = [f"{x['internal_api']} {x['version']}" for x in threadpoolctl.threadpool_info() if x["user_api"] == "blas"]
+        info["blas"] = ", ".join(blas)
+    except ImportError:
+        pass
+    for pkg in ("torch", "rwkv"):
+        try:
+            from importlib.metadata import version
+            info[pkg] = version(pkg)
+        except Exception:
+            info[pkg] = "not installed"
+    return info
+
+
+# ------------------------------------------------------------------ steps
+
+def run_json(cmd, env=None, timeout=3600) -> tuple[dict, float]:
+    """Run a child that prints one JSON object last; returns it and how busy the machine was."""
+    with Busy() as busy:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1]), busy.share
+
+
+def bandwidth(threads: int) -> dict:
+    code = ("import json; from rwkvcpu.bench import memory_bandwidth as m; "
+            f"print(json.dumps({{'1': m(1), '{threads}': m({threads})}}))")
+    out, busy = run_json([sys.executable, "-c", code])
+    return {int(k): v for k, v in out.items()} | {"busy": busy}
+
+
+def make_models(work: Path, name: str, shape, log) -> dict:
+    """The .pth checkpoint and its four conversions (kept in `work` between runs)."""
+    from rwkvcpu.quant.convert import convert
+    from rwkvcpu.quant.official import iter_random_official, write_pth
+
+    gen, layers, width, vocab = shape
+    pth = work / f"{name}.pth"
+    if not pth.exists():
+        t = time.perf_counter()
+        write_pth(str(pth) + ".tmp", iter_random_official(gen, layers, width, vocab, seed=1))
+        os.replace(str(pth) + ".tmp", pth)
+        log(f"  wrote {pth.name} ({pth.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+    paths = {"pth": pth}
+    for dtype in DTYPES:
+        out = work / f"{name}-{dtype}.safetensors"
+        if not out.exists():
+            t = time.perf_counter()
+            convert(pth, out, dtype=dtype, progress=False)
+            log(f"  converted to {dtype} in {time.perf_counter() - t:.0f} s")
+        paths[dtype] = out
+    return paths
+
+
+def kl_worker(paths: list, tokens: list) -> dict:
+    """Mean KL(fp32 || other) of the next-token distributions over `tokens`, fed one at a time."""
+    import rwkvcpu
+
+    def logits_of(path):
+        model = rwkvcpu.load(path)
+        state, rows = None, []
+        for t in tokens:
+            logits, state = model.forward([t], state)
+            rows.append(logits.astype(np.float64))
+        return np.array(rows)
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    ref = log_softmax(logits_of(paths[0]))
+    out = {}
+    for path in paths[1:]:
+        other = log_softmax(logits_of(path))
+        out[path] = {"kl": float(np.mean(np.sum(np.exp(ref) * (ref - other), axis=1))),
+                     "top1_agree": float(np.mean(ref.argmax(1) == other.argmax(1)))}
+    return out
+
+
+def python_overhead(work: Path, threads: int, tokens: int) -> dict:
+    from rwkvcpu.quant.convert import convert
+    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+
+    gen, layers, width, vocab = OVERHEAD_SHAPE
+    pth = work / "overhead-v7.pth"
+    write_pth(pth, random_official_state_dict(gen, layers, width, vocab, seed=1))
+    res = {}
+    for dtype in DTYPES:
+        path = work / f"overhead-v7-{dtype}.safetensors"
+        if not path.exists():
+            convert(pth, path, dtype=dtype, progress=False)
+        # Also compiles (or loads from numba's cache) every kernel the dtype uses,
+        # so that the timed runs below start warm.
+        res[dtype], _ = run_json(_bench_cmd(path, threads, max(tokens, 200), 16))
+    return res
+
+
+def _bench_cmd(path, threads, tokens, prompt):
+    return [sys.executable, "-m", "rwkvcpu.cli.main", "bench", str(path), "--json", "--no-bandwidth",
+            "--threads", str(threads), "--tokens", str(tokens), "--prompt", str(prompt)]
+
+
+# ------------------------------------------------------------------ report
+
+def _row(shape, dtype, r, bw, ref, kl):
+    floor = r["weight_bytes_per_token"] / bw * 1e3 if "weight_bytes_per_token" in r else None
+    cells = [shape, dtype, f"{r['file_bytes'] / 1e6:.0f}", f"{r['load_s']:.2f}", f"{r['ttft_s']:.2f}",
+             f"{r['decode_ms']:.1f}", f"{1e3 / r['decode_ms']:.1f}",
+             f"{floor:.1f}" if floor else "", f"{100 * floor / r['decode_ms']:.0f}%" if floor else "",
+             f"{r['prefill_tok_s']:.0f}",
+             f"{r['peak_rss_bytes'] / 1e6:.0f} ({100 * r['peak_rss_bytes'] / r['file_bytes']:.0f}%)",
+             f"{ref['decode_ms'] / r['decode_ms']:.1f}x" if ref else "",
+             f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.1f}x" if ref else "",
+             kl, f"{100 * r['busy']:.0f}%"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def report(results: dict, info: dict, args, elapsed: float) -> str:
+    bw = results["bandwidth"]
+    n = args.threads
+    best_bw = max(b[n] for b in bw)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/bench_models.py {' '.join(sys.argv[1:])}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} ({elapsed / 60:.0f} min). Random weights at the official shapes; "
+        "every figure from a fresh process; the reference is the `rwkv` package, strategy `cpu fp32`.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {info.get('cpu', '?')}, {info['cpus']} logical CPUs, {info['physical_cores']} physical cores; "
+        f"L3 {info.get('l3', '?')}; SIMD: {info.get('simd', '?')}",
+        f"- Memory: {info.get('memory_gb', '?')} GB; bandwidth measured in this run (numba streaming read of "
+        f"512 MB): 1 thread {', '.join(f'{b[1] / 1e9:.1f}' for b in bw)} GB/s, {n} threads "
+        f"{', '.join(f'{b[n] / 1e9:.1f}' for b in bw)} GB/s (before, after the models). "
+        f"Rooflines use the best: **{best_bw / 1e9:.1f} GB/s**.",
+        f"- Software: Python {info['python']}, numpy {info['numpy']}, numba {info['numba']}, BLAS "
+        f"{info.get('blas', '?')}, torch {info['torch']}, rwkv {info['rwkv']}; Linux {info['kernel']}",
+        f"- Threads: {n} for rwkvcpu and for torch.",
+        "",
+        "## Results",
+        "",
+        "decode: median ms/token of "
+        f"{args.tokens} greedy one-token steps after {16} warm-up steps. roofline: weight bytes read per token / "
+        "bandwidth, and the share of it reached. prefill: tokens/s for a "
+        f"{args.prompt}-token prompt (best of 2). load: opening the model (rwkvcpu maps the file). TTFT: from "
+        "the start of the measuring command (imports included, numba's kernel cache warm) to the logits of the "
+        "first token after a 16-token prompt. RSS: peak resident memory of the process (and its share of the "
+        "file size). vs ref: speed-up over the reference package on the same shape. KL: mean KL(fp32 || dtype) "
+        f"of the next-token distributions over {KL_TOKENS} tokens (top-1 agreement in brackets). busy: CPU time "
+        "other processes took during that measurement, as a share of all cores.",
+        "",
+        "| shape | dtype | file MB | load s | TTFT s | decode ms | tok/s | roofline ms | % of roofline | "
+        "prefill tok/s | peak RSS MB | decode vs ref | prefill vs ref | KL vs fp32 | busy |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for shape, rows in results["models"].items():
+        ref = rows.get("reference")
+        for dtype in DTYPES:
+            if dtype in rows:
+                kl = rows.get("kl", {}).get(dtype)
+                kl_cell = "" if dtype == "fp32" else (f"{kl['kl']:.2e} ({100 * kl['top1_agree']:.0f}%)" if kl else "")
+                lines.append(_row(shape, dtype, rows[dtype], best_bw, ref, kl_cell))
+        if ref:
+            lines.append(_row(shape, "reference fp32", ref | {"weight_bytes_per_token": rows["fp32"]["weight_bytes_per_token"]},
+                              best_bw, None, ""))
+    for shape, why in results.get("skipped", {}).items():
+        lines.append(f"\n{shape}: not measured: {why}")
+    lines += ["", *targets(results, best_bw), ""]
+    ov = results.get("overhead")
+    if ov:
+        lines += [
+            "## Per-token Python overhead",
+            "",
+            f"A v7 model with the 0.1B shape's {OVERHEAD_SHAPE[1]} layers and the same calls per token, but "
+            f"{OVERHEAD_SHAPE[2]} wide (its matrices take microseconds), decodes in the time that Python, "
+            "numba's dispatch and the small elementwise kernels take per token:",
+            "",
+            "| dtype | overhead ms/token | v7-0.1b decode ms/token | overhead share |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for dtype in DTYPES:
+            big = results["models"].get("v7-0.1b", {}).get(dtype)
+            if big and dtype in ov:
+                lines.append(f"| {dtype} | {ov[dtype]['decode_ms']:.2f} | {big['decode_ms']:.2f} | "
+                             f"{100 * ov[dtype]['decode_ms'] / big['decode_ms']:.0f}% |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(results: dict, bw: float) -> list:
+    rows = results["models"].get(TARGET_SHAPE)
+    if not rows or "int8" not in rows:
+        return []
+    i8, i4, f32, ref = rows.get("int8"), rows.get("int4"), rows.get("fp32"), rows.get("reference")
+    floor8 = i8["weight_bytes_per_token"] / bw * 1e3
+    out = [f"## Targets ({TARGET_SHAPE}, ratios from this run)", "",
+           "| target | measured | met |", "| --- | --- | --- |"]
+
+    def add(name, value, ok):
+        out.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
+
+    add("int8 decode >= 80% of the bandwidth roofline", f"{100 * floor8 / i8['decode_ms']:.0f}% "
+        f"({i8['decode_ms']:.1f} ms vs floor {floor8:.1f} ms)", floor8 / i8["decode_ms"] >= 0.8)
+    if i4:
+        add("int4 decode faster than int8", f"{i4['decode_ms']:.1f} vs {i8['decode_ms']:.1f} ms",
+            i4["decode_ms"] < i8["decode_ms"])
+    if ref:
+        add("fp32 decode >= 2x the reference (fp32)", f"{ref['decode_ms'] / f32['decode_ms']:.1f}x",
+            ref["decode_ms"] / f32["decode_ms"] >= 2)
+        add("int8 decode >= 7x the reference (fp32)", f"{ref['decode_ms'] / i8['decode_ms']:.1f}x",
+            ref["decode_ms"] / i8["decode_ms"] >= 7)
+    add("512-token prefill >= 150 tokens/s in int8", f"{i8['prefill_tok_s']:.0f} tokens/s", i8["prefill_tok_s"] >= 150)
+    add("load <= 1 s (mmap)", ", ".join(f"{d} {rows[d]['load_s']:.2f} s" for d in DTYPES if d in rows),
+        all(rows[d]["load_s"] <= 1 for d in DTYPES if d in rows))
+    add("peak RSS <= file size + 15%", ", ".join(
+        f"{d} {100 * rows[d]['peak_rss_bytes'] / rows[d]['file_bytes']:.0f}%" for d in DTYPES if d in rows),
+        all(rows[d]["peak_rss_bytes"] <= 1.15 * rows[d]["file_bytes"] for d in DTYPES if d in rows))
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+def enough_room(work: Path, shape) -> str:
+    """Why a shape cannot be run here ("" when it can): its fp32 copy must fit in free memory twice
+    over (the reference holds fp32 weights and the mapped bf16 file) and all files on disk."""
+    gen, layers, width, vocab = shape
+    params = layers * 12 * width * width + 2 * vocab * width
+    with open("/proc/meminfo") as f:
+        avail = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}.get("MemAvailable", 0)
+    need_mem = 2.5 * 4 * params
+    need_disk = (2 + 4 + 2 + 1.05 + 0.65) * params
+    if avail < need_mem:
+        return f"needs ~{need_mem / 1e9:.0f} GB of free memory, {avail / 1e9:.0f} GB available"
+    if shutil.disk_usage(work).free < need_disk:
+        return f"needs ~{need_disk / 1e9:.0f} GB of disk in {work}"
+    return ""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+    ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--tokens", type=int, default=200, help="decode steps timed per model")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt length for prefill")
+    ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "rwkvcpu-bench"),
+                    help="where the models are written (kept between runs)")
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference package")
+    ap.add_argument("--kl-worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.kl_worker:
+        tokens = [int(t) for t in args.kl_worker[0].split(",")]
+        print(json.dumps(kl_worker(args.kl_worker[1:], tokens)))
+        return
+
+    from rwkvcpu.threads import physical_cores
+    args.threads = args.threads or physical_cores()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    info = machine()
+    log(f"machine: {info.get('cpu')}, {args.threads} threads")
+    results = {"bandwidth": [], "models": {}, "skipped": {}}
+    results["bandwidth"].append(bandwidth(args.threads))
+    log(f"bandwidth: {results['bandwidth'][0][args.threads] / 1e9:.1f} GB/s")
+
+    log("warming numba's kernel cache; per-token overhead (tiny v7)")
+    results["overhead"] = python_overhead(work, args.threads, args.tokens)
+
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        why = enough_room(work, shape)
+        if why:
+            results["skipped"][name] = why
+            log(f"{name}: skipped: {why}")
+            continue
+        log(f"{name}: models")
+        paths = make_models(work, name, shape, log)
+        rows = results["models"][name] = {}
+        for dtype in DTYPES:
+            rows[dtype], busy = run_json(_bench_cmd(paths[dtype], args.threads, args.tokens, args.prompt))
+            rows[dtype]["busy"] = busy
+            log(f"{name} {dtype}: decode {rows[dtype]['decode_ms']:.1f} ms, prefill "
+                f"{rows[dtype]['prefill_tok_s']:.0f} tok/s, load {rows[dtype]['load_s']:.2f} s (busy {100 * busy:.0f}%)")
+        if not args.no_reference:
+            env = dict(os.environ, RWKV_V7_ON="1" if shape[0] == "v7" else "0", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+            ref, busy = run_json([sys.executable, str(HERE / "reference_worker.py"), str(paths["pth"]),
+                                  "--threads", str(args.threads), "--tokens", str(args.tokens),
+                                  "--prompt", str(args.prompt)], env=env)
+            rows["reference"] = ref | {"busy": busy}
+            log(f"{name} reference: decode {ref['decode_ms']:.1f} ms, prefill {ref['prefill_tok_s']:.0f} tok/s")
+        tokens = np.random.default_rng(2).integers(0, shape[3], KL_TOKENS).tolist()
+        kl, _ = run_json([sys.executable, __file__, "--kl-worker", ",".join(map(str, tokens)),
+                          *[str(paths[d]) for d in DTYPES]])
+        rows["kl"] = {d: kl[str(paths[d])] for d in DTYPES[1:]}
+        log(f"{name} KL vs fp32: " + ", ".join(f"{d} {rows['kl'][d]['kl']:.2e}" for d in DTYPES[1:]))
+        # Write as we go: a long run that fails late still leaves its numbers.
+        Path(args.out).write_text(report(results, info, args, time.perf_counter() - t_start))
+
+    results["bandwidth"].append(bandwidth(args.threads))
+    Path(args.out).write_text(report(results, info, args, time.perf_counter() - t_start))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": info, **results}, indent=1, default=str))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Speed figures of one model file, and the machine's memory bandwidth to judge them by.
+
+Decoding one token reads every weight matrix once, so its floor is
+(weight bytes read per token) / (memory bandwidth): the roofline. `measure`
+reports how close a model gets to it, with the other figures a user cares
+about: load time, time to the first token, decode and prompt speed, memory.
+
+Example:
+    >>> from rwkvcpu import bench
+    >>> r = bench.measure("rwkv7-0.4b-int8.safetensors", decode_tokens=200)
+    >>> r["decode_ms"], r["roofline_pct"]
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Optional
+
+import numpy as np
+
+# The prompt whose first token `ttft_s` waits for, in tokens.
+TTFT_PROMPT = 16
+
+
+def memory_bandwidth(threads: Optional[int] = None, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second that `threads` threads read from memory, best of `repeats`.
+
+    A numba kernel sums a float32 buffer far larger than the caches, split into
+    one contiguous run of rows per thread (the access pattern of a matvec).
+
+    Args:
+        threads: reading threads (None: rwkvcpu.threads.configure's default).
+        megabytes: buffer size; it is allocated for the call and freed after.
+        repeats: passes over the buffer; the fastest counts.
+
+    Returns:
+        bytes per second.
+    """
+    from . import threads as thread_control
+    from .kernels.stream import read_rows
+
+    thread_control.configure(threads)
+    rows = 1024
+    a = np.ones((rows, megabytes * (1 << 20) // (4 * rows)), np.float32)
+    out = np.empty(rows, np.float32)
+    read_rows(a, out)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        read_rows(a, out)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def weight_bytes_per_token(path) -> int:
+    """Bytes of the file's tensors that one decoded token reads: all of them,
+    except that only one row of the embedding (and of its scales) is looked up."""
+    from .io import read_header
+
+    header, _ = read_header(path)
+    vocab = None
+    total = emb = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        if name.startswith("emb.weight"):
+            emb += hi - lo
+            if name == "emb.weight":
+                vocab = info["shape"][0]
+        else:
+            total += hi - lo
+    return total + (emb // vocab if vocab else 0)
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident set of this process.
+
+    On Linux, VmHWM of /proc/self/status: getrusage's ru_maxrss would also count
+    the parent's memory for a child started by fork and exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, warmup_tokens: int = 16,
+            prompt_tokens: int = 512, prompt_runs: int = 2, start: Optional[float] = None, seed: int = 0) -> dict:
+    """Load a model and time it.
+
+    In order: load (the file is memory-mapped), the first token after a
+    TTFT_PROMPT-token prompt, `warmup_tokens` untimed tokens, `decode_tokens`
+    timed one-token steps (greedy: each step feeds back the most likely token),
+    then a `prompt_tokens`-token prompt at once, `prompt_runs` times.
+
+    Args:
+        path: an rwkvcpu .safetensors file.
+        threads: as rwkvcpu.load (None: one per physical core).
+        decode_tokens: timed decode steps; the median is reported.
+        warmup_tokens: untimed steps before them.
+        prompt_tokens: length of the prompt timed for prefill speed.
+        prompt_runs: prompts timed; the fastest is reported.
+        start: time.perf_counter() when the user's wait began (e.g. process
+            start), for `ttft_s`; default: when measure was called.
+        seed: for the random prompts.
+
+    Returns:
+        a dict: file_bytes, weight_bytes_per_token, threads, load_s, ttft_s
+        (start to the first token's logits), decode_ms (median),
+        decode_ms_p10, decode_ms_p90, decode_tokens, prefill_tok_s,
+        prompt_tokens, peak_rss_bytes.
+    """
+    start = time.perf_counter() if start is None else start
+    import rwkvcpu
+    from . import threads as thread_control
+
+    # Before any kernel runs (OpenMP reads its spin setting once); load() sets the same count.
+    thread_control.configure(threads)
+    t = time.perf_counter()
+    model = rwkvcpu.load(path, threads=threads)
+    load_s = time.perf_counter() - t
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(seed)
+
+    logits, state = model.forward(rng.integers(0, vocab, TTFT_PROMPT).tolist())
+    token = int(np.argmax(logits))
+    ttft_s = time.perf_counter() - start
+
+    for _ in range(warmup_tokens):
+        logits, state = model.forward([token], state)
+        token = int(np.argmax(logits))
+    steps = np.empty(decode_tokens)
+    for i in range(decode_tokens):
+        t = time.perf_counter()
+        logits, state = model.forward([token], state)
+        token = int(np.argmax(logits))
+        steps[i] = time.perf_counter() - t
+
+    prompt = rng.integers(0, vocab, prompt_tokens).tolist()
+    best = float("inf")
+    for _ in range(prompt_runs):
+        t = time.perf_counter()
+        model.forward(prompt)
+        best = min(best, time.perf_counter() - t)
+
+    return {
+        "file_bytes": os.path.getsize(path),
+        "weight_bytes_per_token": weight_bytes_per_token(path),
+        "threads": model.threads,
+        "load_s": load_s,
+        "ttft_s": ttft_s,
+        "decode_ms": float(np.median(steps) * 1e3),
+        "decode_ms_p10": float(np.percentile(steps, 10) * 1e3),
+        "decode_ms_p90": float(np.percentile(steps, 90) * 1e3),
+        "decode_tokens": decode_tokens,
+        "prefill_tok_s": prompt_tokens / best,
+        "prompt_tokens": prompt_tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def roofline(result: dict, bandwidth: float) -> dict:
+    """The decode floor at `bandwidth` bytes/s and the share of it reached:
+    roofline_ms = weight_bytes_per_token / bandwidth, roofline_pct = 100 * roofline_ms / decode_ms."""
+    floor_ms = result["weight_bytes_per_token"] / bandwidth * 1e3
+    return {"bandwidth_gbs": bandwidth / 1e9, "roofline_ms": floor_ms,
+            "roofline_pct": 100.0 * floor_ms / result["decode_ms"]}
+
+
+def format_report(r: dict) -> str:
+    """A few human-readable lines of a measure() (+ roofline()) result."""
+    lines = [
+        f"file            {r['file_bytes'] / 1e6:9.1f} MB   ({r['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token)",
+        f"threads         {r['threads']:9d}",
+        f"load            {r['load_s']:9.3f} s",
+        f"first token     {r['ttft_s']:9.3f} s    ({TTFT_PROMPT}-token prompt, from the start)",
+        f"decode          {r['decode_ms']:9.2f} ms/token  (median of {r['decode_tokens']}; "
+        f"p10 {r['decode_ms_p10']:.2f}, p90 {r['decode_ms_p90']:.2f}) = {1e3 / r['decode_ms']:.1f} tokens/s",
+        f"prompt          {r['prefill_tok_s']:9.1f} tokens/s ({r['prompt_tokens']}-token prompt)",
+        f"peak RSS        {r['peak_rss_bytes'] / 1e6:9.1f} MB   ({100 * r['peak_rss_bytes'] / r['file_bytes']:.0f}% of the file)",
+    ]
+    if "roofline_ms" in r:
+        lines.append(f"bandwidth       {r['bandwidth_gbs']:9.1f} GB/s (measured now, {r['threads']} threads)")
+        lines.append(f"roofline        {r['roofline_ms']:9.2f} ms/token; decode reaches {r['roofline_pct']:.0f}% of it")
+    return "\n".join(lines)
