@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import io
+from . import threads as threads_module
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelFormatError, StateMismatchError
 from .generations import common, v4, v5, v6, v7
@@ -34,35 +35,6 @@ PROMPT_BLOCK = 256
 DEFAULT_DTYPE = "int8"
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads of one core count once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for c in cpus:
-        base = f"/sys/devices/system/cpu/cpu{c}/topology/"
-        try:
-            with open(base + "core_id") as f1, open(base + "physical_package_id") as f2:
-                cores.add((f2.read().strip(), f1.read().strip()))
-        except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
-
-
-def _thread_count(threads) -> int:
-    import numba
-    if threads is None:
-        n = physical_cores()
-    else:
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-            raise InvalidArgumentError(f"threads must be a positive integer (or None for one per physical core), got {threads!r}")
-        n = int(threads)
-    # numba cannot start more threads than its pool was created with.
-    return min(n, numba.config.NUMBA_NUM_THREADS)
-
-
 class Model:
     """An RWKV model ready to run on the CPU.
 
@@ -78,6 +50,7 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, metadata: dict, tensors: dict, *, path: str, threads=None):
+        self.threads = threads_module.configure(threads)
         self.config = config
         self.metadata = dict(metadata)
         self.path = path
@@ -88,7 +61,6 @@ class Model:
         self._initial = self._initial_data(tensors)
         self._scratch = common.Scratch()
         self._lock = threading.Lock()
-        self.threads = _thread_count(threads)
         self._tokenizer = None
 
     # ----------------------------------------------------------------- state
@@ -175,10 +147,9 @@ class Model:
         return self.forward(tokens, state, **kw)
 
     def _use_threads(self):
-        import numba
         # numba's thread count is per calling thread; set it for whichever thread runs us.
-        if numba.get_num_threads() != self.threads:
-            numba.set_num_threads(self.threads)
+        if threads_module.current() != self.threads:
+            threads_module.configure(self.threads)
 
     def _check_tokens(self, tokens) -> np.ndarray:
         V = self.config.vocab_size
@@ -308,8 +279,8 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
             (from a quantized file this adds to its rounding error: prefer
             converting the original checkpoint). For other checkpoints, None
             means "int8".
-        threads: worker threads for the kernels; None means one per physical core.
-            Sets numba's thread count for the threads that call forward().
+        threads: threads to compute with; None means one per physical core
+            (see rwkvcpu.threads.configure, applied for whichever thread calls forward()).
         group_norm_eps: override the epsilon of the per-head group norm (v5+)
             recorded in the file, e.g. 64e-5 to match the reference `rwkv` package.
 

@@ -117,8 +117,9 @@ def test_threads(tmp_path):
     assert m.threads == 1
     m.forward([1])
     assert numba.get_num_threads() == 1
+    from rwkvcpu.threads import physical_cores
     assert rwkvcpu.load(_make(tmp_path, "v4")[0]).threads == min(
-        rwkvcpu.model.physical_cores(), numba.config.NUMBA_NUM_THREADS)
+        physical_cores(), numba.config.NUMBA_NUM_THREADS)
     for bad in (0, -2, 1.5, "2"):
         with pytest.raises(ValueError, match="threads"):
             rwkvcpu.load(_make(tmp_path, "v4")[0], threads=bad)

@@ -56,98 +56,123 @@ def wkv4(k, v, log_decay, bonus, aa, bb, pp, out):
         pp[c] = p
 
 
-def _wkv5(r, k, v, decay, bonus, s, out):
-    """RWKV-5/6 recurrence, per head h (i: key channel, j: value channel):
+@njit(fastmath=FASTMATH, cache=True)
+def wkv5_head(h, r, k, v, decay, bonus, s, out):
+    """RWKV-5/6 recurrence of head h (i: key channel, j: value channel):
 
         out[t, j] = sum_i r[t, i] * (bonus[i] * k[t, i] * v[t, j] + s[i, j])
         s[i, j]   = decay[t, i] * s[i, j] + k[t, i] * v[t, j]
 
     v5 has one decay row for every token (decay: (1, D)); v6's is data-dependent (decay: (T, D)).
 
-    r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, bonus: (D,) f32,
-    s: (H, S, S) f32 [head, key, value] (updated), out: (T, D) f32
+    h: int, r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, bonus: (D,) f32,
+    s: (H, S, S) f32 [head, key, value] (head h updated), out: (T, D) f32 (head h's columns written)
     """
     T = r.shape[0]
-    H, S = s.shape[0], s.shape[1]
+    S = s.shape[1]
     per_token = decay.shape[0] > 1
-    for h in prange(H):
-        base = h * S
-        u = bonus[base:base + S]
-        for t in range(T):
-            # 1-D views of this head's rows: LLVM vectorises the j loops over them.
-            w = decay[t if per_token else 0, base:base + S]
-            rt = r[t, base:base + S]
-            kt = k[t, base:base + S]
-            vt = v[t, base:base + S]
-            y = out[t, base:base + S]
-            y[:] = 0.0
-            for i in range(S):
-                row = s[h, i]
-                ri = rt[i]
-                ki = kt[i]
-                wi = w[i]
-                rku = ri * ki * u[i]
-                for j in range(S):
-                    sij = row[j]
-                    y[j] += ri * sij + rku * vt[j]
-                    row[j] = sij * wi + ki * vt[j]
+    base = h * S
+    u = bonus[base:base + S]
+    for t in range(T):
+        # 1-D views of this head's rows: LLVM vectorises the j loops over them.
+        w = decay[t if per_token else 0, base:base + S]
+        rt = r[t, base:base + S]
+        kt = k[t, base:base + S]
+        vt = v[t, base:base + S]
+        y = out[t, base:base + S]
+        y[:] = 0.0
+        for i in range(S):
+            row = s[h, i]
+            ri = rt[i]
+            ki = kt[i]
+            wi = w[i]
+            rku = ri * ki * u[i]
+            for j in range(S):
+                sij = row[j]
+                y[j] += ri * sij + rku * vt[j]
+                row[j] = sij * wi + ki * vt[j]
 
 
-def _wkv7(r, w, k, v, kk, kka, s, out):
-    """RWKV-7 recurrence (the generalised delta rule), per head (i: value channel, j: key channel):
+@njit(fastmath=FASTMATH, cache=True)
+def wkv7_head(h, r, w, k, v, kk, kka, s, out):
+    """RWKV-7 recurrence (the generalised delta rule) of head h (i: value channel, j: key channel):
 
         s[i, j] = s[i, j] * w[t, j] - (sum_l s[i, l] kk[t, l]) * kka[t, j] + v[t, i] * k[t, j]
         out[t, i] = sum_j s[i, j] * r[t, j]
 
     with kk the L2-normalised key and kka = kk * a (the in-context learning rate).
 
-    r, w, k, v, kk, kka: (T, D) f32, s: (H, S, S) f32 [head, value, key] (updated), out: (T, D) f32
+    h: int, r, w, k, v, kk, kka: (T, D) f32, s: (H, S, S) f32 [head, value, key] (head h updated),
+    out: (T, D) f32 (head h's columns written)
     """
     T = r.shape[0]
-    H, S = s.shape[0], s.shape[1]
-    for h in prange(H):
-        base = h * S
-        for t in range(T):
-            # 1-D views of this head's rows: LLVM vectorises the j loops over them.
-            rt = r[t, base:base + S]
-            wt = w[t, base:base + S]
-            kt = k[t, base:base + S]
-            kkt = kk[t, base:base + S]
-            kat = kka[t, base:base + S]
-            for i in range(S):
-                row = s[h, i]
-                sa = np.float32(0.0)
-                for j in range(S):
-                    sa += row[j] * kkt[j]
-                vi = v[t, base + i]
-                acc = np.float32(0.0)
-                for j in range(S):
-                    x = row[j] * wt[j] - sa * kat[j] + vi * kt[j]
-                    row[j] = x
-                    acc += x * rt[j]
-                out[t, base + i] = acc
+    S = s.shape[1]
+    base = h * S
+    for t in range(T):
+        # 1-D views of this head's rows: LLVM vectorises the j loops over them.
+        rt = r[t, base:base + S]
+        wt = w[t, base:base + S]
+        kt = k[t, base:base + S]
+        kkt = kk[t, base:base + S]
+        kat = kka[t, base:base + S]
+        for i in range(S):
+            row = s[h, i]
+            sa = np.float32(0.0)
+            for j in range(S):
+                sa += row[j] * kkt[j]
+            vi = v[t, base + i]
+            acc = np.float32(0.0)
+            for j in range(S):
+                x = row[j] * wt[j] - sa * kat[j] + vi * kt[j]
+                row[j] = x
+                acc += x * rt[j]
+            out[t, base + i] = acc
 
 
-# Each recurrence is compiled twice: parallel over heads, and serial (prange
-# runs as range) for calls too small to be worth waking the thread team, such
-# as one token of a small model.
-wkv5_parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(_wkv5)
-wkv5_serial = njit(fastmath=FASTMATH, cache=True)(_wkv5)
-wkv7_parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(_wkv7)
-wkv7_serial = njit(fastmath=FASTMATH, cache=True)(_wkv7)
+# Each recurrence runs its heads in parallel, or serially for calls too small
+# to be worth waking the thread team (one token of a small model). The two are
+# separate functions on purpose: numba's on-disk cache does not tell apart two
+# compilations of one Python function that differ only in `parallel`.
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def wkv5_parallel(r, k, v, decay, bonus, s, out):
+    """wkv5_head for every head, heads in parallel."""
+    for h in prange(s.shape[0]):
+        wkv5_head(h, r, k, v, decay, bonus, s, out)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def wkv5_serial(r, k, v, decay, bonus, s, out):
+    """wkv5_head for every head, on the calling thread."""
+    for h in range(s.shape[0]):
+        wkv5_head(h, r, k, v, decay, bonus, s, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def wkv7_parallel(r, w, k, v, kk, kka, s, out):
+    """wkv7_head for every head, heads in parallel."""
+    for h in prange(s.shape[0]):
+        wkv7_head(h, r, w, k, v, kk, kka, s, out)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def wkv7_serial(r, w, k, v, kk, kka, s, out):
+    """wkv7_head for every head, on the calling thread."""
+    for h in range(s.shape[0]):
+        wkv7_head(h, r, w, k, v, kk, kka, s, out)
+
 
 # Multiply-adds (T * H * S * S) below which a recurrence runs on the calling thread.
 PARALLEL_MIN_WORK = 1 << 18
 
 
 def wkv5(r, k, v, decay, bonus, s, out):
-    """See _wkv5; picks the serial or parallel compiled kernel by the amount of work."""
+    """RWKV-5/6 recurrence over all heads (see wkv5_head), serial or parallel by the amount of work."""
     small = r.shape[0] * s.size < PARALLEL_MIN_WORK
     (wkv5_serial if small else wkv5_parallel)(r, k, v, decay, bonus, s, out)
 
 
 def wkv7(r, w, k, v, kk, kka, s, out):
-    """See _wkv7; picks the serial or parallel compiled kernel by the amount of work."""
+    """RWKV-7 recurrence over all heads (see wkv7_head), serial or parallel by the amount of work."""
     small = r.shape[0] * s.size < PARALLEL_MIN_WORK
     (wkv7_serial if small else wkv7_parallel)(r, w, k, v, kk, kka, s, out)
 
