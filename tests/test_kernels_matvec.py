@@ -115,13 +115,21 @@ def test_activation_quantization():
     xq = np.empty(x.shape, np.int16)
     xs = np.empty(7, np.float32)
     xsum = np.empty(7, np.float32)
-    K.quantize_activations(x, xq, xs, xsum)
+    K.quantize_activations(x, 0, xq, xs, xsum)
     g = x.reshape(7, 32)
     np.testing.assert_allclose(xs, np.abs(g).max(axis=1) / 32767, rtol=1e-6, err_msg=f"seed {seed}")
     np.testing.assert_allclose(xsum, g.sum(axis=1), rtol=1e-5, atol=1e-5)
     assert np.abs(xq).max() <= 32767
     back = xq.reshape(7, 32) * xs[:, None]
     assert np.all(np.abs(back - g) <= xs[:, None] * 0.51), f"seed {seed}"
+    # The int4 kernels' pair order for the first 6 groups: the same values, permuted.
+    paired = np.empty_like(xq)
+    K.quantize_activations(x, 6, paired, xs, xsum)
+    from rwkvcpu.kernels.simd import INT4_PAIR_SLOT
+    for g in range(6):
+        for j, (k, i) in enumerate(INT4_PAIR_SLOT):
+            assert paired[g // 2 * 64 + 16 * k + 8 * (g % 2) + i] == xq[32 * g + j]
+    np.testing.assert_array_equal(paired[6 * 32:], xq[6 * 32:])
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)

@@ -29,17 +29,20 @@ _EXPONENT = 0x7F800000
 
 
 @njit(fastmath=True, cache=True)
-def quantize_activations(x, xq, xs, xsum):
+def quantize_activations(x, paired, xq, xs, xsum):
     """Per group g of G = m / ngroups consecutive x: xs[g] = max|x_g| / 32767,
     xq = rint(x / xs[g]), xsum[g] = sum(x_g).
     x: (m,) f32, xq: (m,) i16, xs: (ngroups,) f32, xsum: (ngroups,) f32 (all C-contiguous; G % 8 == 0)
 
+    Groups g < paired (an even count; G = 32) are stored in the int4 kernels' pair order
+    (simd.INT4_PAIR_SLOT: weight j of group g goes to lane 16 k + 8 (g % 2) + i of
+    its pair of groups), later ones in natural order.
     A group holding an inf or NaN gets xs[g] = NaN (and xq = 0), so the
     products that use it come out NaN, as the float product would.
     """
     ng = xs.shape[0]
     gs = x.shape[0] // ng
-    # A 2-D view: indices that are visibly non-negative let LLVM vectorise the loops.
+    # 2-D views: indices that are visibly non-negative let LLVM vectorise the loops.
     xg = x.reshape((ng, gs))
     qg = xq.reshape((ng, gs))
     for g in range(ng):
@@ -49,24 +52,27 @@ def quantize_activations(x, xq, xs, xsum):
             v = f32x8_load(x, j)
             vmax = f32x8_absmax(vmax, v)
             vsum = f32x8_add(vsum, v)
-        total = f32x8_sum(vsum)
-        xsum[g] = total
+        xsum[g] = f32x8_sum(vsum)
         # inf or NaN: all exponent bits set. Tested on the bits, because
         # fastmath lets LLVM assume that no float is either.
         special = np.int32(0)
         for j in range(gs):
             special |= np.int32((f32_bits(xg[g, j]) & _EXPONENT) == _EXPONENT)
+        amax = f32x8_max(vmax)
+        inv = np.float32(1.0) / (amax / np.float32(32767.0)) if amax > 0 else np.float32(0.0)
         if special:
             xs[g] = np.float32(np.nan)
+            inv = np.float32(0.0)
+        else:
+            xs[g] = amax / np.float32(32767.0)
+        if g < paired:
+            base = g // 2 * 64 + 8 * (g % 2)
+            for j in range(32):
+                v = np.int16(np.rint(xg[g, j] * inv)) if not special else np.int16(0)
+                xq[base + (j % 2 * 2 + j // 16) * 16 + (j % 16) // 2] = v
+        else:
             for j in range(gs):
-                qg[g, j] = 0
-            continue
-        amax = f32x8_max(vmax)
-        scale = amax / np.float32(32767.0)
-        xs[g] = scale
-        inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
-        for j in range(gs):
-            qg[g, j] = np.int16(np.rint(xg[g, j] * inv))
+                qg[g, j] = np.int16(np.rint(xg[g, j] * inv)) if not special else np.int16(0)
 
 
 def _matvec_f32(w, x, out):
@@ -93,7 +99,7 @@ def _matvec_i8(q, scale, x, xq, xs, xsum, out):
     """out[i] = sum_g scale[i, g] xs[g] sum_{j in g} q[i, j] xq[j]   (groups of 64)
     q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), x: (m,) f32, out: (n,) f32;
     scratch: xq: (m,) i16, xs, xsum: (m/64,) f32 (see quantize_activations)."""
-    quantize_activations(x, xq, xs, xsum)
+    quantize_activations(x, 0, xq, xs, xsum)
     n, m = q.shape
     ng = scale.shape[1]
     full = ng // 8 * 8
@@ -111,11 +117,12 @@ def _matvec_i4(q, scale, minimum, x, xq, xs, xsum, out):
     """out[i] = sum_g scale[i, g] xs[g] sum_{j in g} q[i, j] xq[j] + min[i, g] xsum[g]   (groups of 32)
     q: (n, m/2) u8 (byte b of a group: weight b in the low nibble, b + 16 in the high),
     scale, minimum: (n, m/32) u16 (fp16 bits), x: (m,) f32, out: (n,) f32;
-    scratch: xq: (m,) i16, xs, xsum: (m/32,) f32 (see quantize_activations)."""
-    quantize_activations(x, xq, xs, xsum)
+    scratch: xq: (m,) i16, xs, xsum: (m/32,) f32 (see quantize_activations; the groups of
+    complete blocks of 8 take xq in pair order, the rest in natural order)."""
     n, half = q.shape
     ng = scale.shape[1]
     full = ng // 8 * 8
+    quantize_activations(x, full, xq, xs, xsum)
     for i in prange(n):
         acc = f32x8_zero()
         for g in range(0, full, 8):

@@ -107,9 +107,9 @@ def _dot_i8_group(context, builder, qty, q, qoff, xty, xq, xoff):
 
 
 def _dot_u4_group(context, builder, qty, q, qoff, xty, xq, xoff):
-    """int32 lanes of the 32 weights packed in q[qoff:qoff+16] . xq[xoff:xoff+32].
-    Byte b holds weight b (low nibble) and weight b + 16 (high nibble): each
-    half is a 16-wide dot product on its own (no shuffle joins them)."""
+    """int32 lanes of the 32 weights packed in q[qoff:qoff+16] . xq[xoff:xoff+32]
+    (activations in natural order). Byte b holds weight b (low nibble) and
+    weight b + 16 (high nibble): each half is a 16-wide dot product on its own."""
     b16 = ir.VectorType(ir.IntType(8), 16)
     v32 = ir.VectorType(_i32, 16)
     packed = _load(context, builder, qty, q, qoff, 16)
@@ -121,7 +121,39 @@ def _dot_u4_group(context, builder, qty, q, qoff, xty, xq, xoff):
                        _pairs_then_halves(builder, builder.mul(high, x_high), 16))
 
 
-_GROUP_DOTS = {types.int8: (_dot_i8_group, 64, 64), types.uint8: (_dot_u4_group, 16, 32)}
+# Where weight j of a group of 32 sits among the four 16-lane nibble vectors of
+# a pair of groups (see _dot_u4_pair): (vector, lane within the group's 8 lanes).
+INT4_PAIR_SLOT = tuple(((j % 2) * 2 + j // 16, (j % 16) // 2) for j in range(32))
+
+
+def _dot_u4_pair(context, builder, qty, q, qoff, xty, xq, xoff):
+    """int32 lanes 0-3 of the first group of 32 weights packed in q[qoff:qoff+32],
+    lanes 4-7 of the second, dotted with 64 activations in pair order.
+
+    The 32 bytes are read as 16 little-endian 16-bit words; word i of group h
+    holds 4 weights, one per nibble: (w >> 4k) & 15 for k = 0..3 are weights 2i,
+    2i + 16, 2i + 1 and 2i + 17 (bytes 2i and 2i + 1, low then high nibbles).
+    So four shift-and-mask steps unpack 64 weights in 16-bit lanes, with no
+    byte shuffles (the vpmovzxbw of the natural order was the bottleneck).
+    xq[xoff + 16 k + 8 h + i] holds the activation of nibble k of word i of
+    group h (INT4_PAIR_SLOT; quantize_activations writes it so)."""
+    v16 = ir.VectorType(ir.IntType(16), 16)
+    v32 = ir.VectorType(_i32, 16)
+    data = context.make_array(qty)(context, builder, q).data
+    words = builder.load(builder.bitcast(builder.gep(data, [qoff]), ir.PointerType(v16)), align=1)
+    mask = ir.Constant(v16, [15] * 16)
+    total = None
+    for k in range(4):
+        nibble = builder.lshr(words, ir.Constant(v16, [4 * k] * 16)) if k else words
+        if k < 3:
+            nibble = builder.and_(nibble, mask)
+        xv = _load(context, builder, xty, xq, builder.add(xoff, ir.Constant(xoff.type, 16 * k)), 16)
+        lanes = _pairs_then_halves(builder, builder.mul(builder.zext(nibble, v32), builder.sext(xv, v32)), 16)
+        total = lanes if total is None else builder.add(total, lanes)
+    return total
+
+
+_GROUP_DOTS = {types.int8: _dot_i8_group, types.uint8: _dot_u4_group}
 
 
 def _group_dot_args(q, xq):
@@ -238,35 +270,44 @@ def dot_groups8(typingctx, acc, q, qoff, xq, xoff, c):
     """acc + sum_k c[k] * lanes(group k of q . group k of xq), k = 0..7.
 
     Eight consecutive weight groups of one row, each scaled by its lane of `c`.
-    q: int8 (groups of 64 bytes) or uint8 (int4, groups of 16 bytes = 32 weights),
-    xq: int16 activations (groups of 64 or 32). qoff, xoff: the first group's offsets.
-    The lanes of the result sum to the dot product; f32x8_sum them at the row's end.
+    q: int8 (groups of 64 bytes; xq in natural order) or uint8 (int4, groups of
+    16 bytes = 32 weights; xq in pair order, see _dot_u4_pair), xq: int16
+    activations. qoff, xoff: the first group's offsets. The lanes of the result
+    sum to the dot product; f32x8_sum them at the row's end.
     """
     if acc != f32x8 or c != f32x8 or not _group_dot_args(q, xq):
         return None
 
     def codegen(context, builder, sig, args):
         a, qa, qo, xa, xo, cv = args
-        group_dot, qstep, xstep = _GROUP_DOTS[sig.args[1].dtype]
         terms = []
-        for k in range(LANES):
-            qk = builder.add(qo, ir.Constant(qo.type, k * qstep))
-            xk = builder.add(xo, ir.Constant(xo.type, k * xstep))
-            lanes = group_dot(context, builder, sig.args[1], qa, qk, sig.args[3], xa, xk)
-            terms.append(builder.fmul(builder.sitofp(lanes, _f32v), _lane(builder, cv, k), flags=("contract",)))
+        if sig.args[1].dtype == types.int8:
+            for k in range(LANES):
+                qk = builder.add(qo, ir.Constant(qo.type, 64 * k))
+                xk = builder.add(xo, ir.Constant(xo.type, 64 * k))
+                lanes = _dot_i8_group(context, builder, sig.args[1], qa, qk, sig.args[3], xa, xk)
+                terms.append(builder.fmul(builder.sitofp(lanes, _f32v), _lane(builder, cv, k), flags=("contract",)))
+        else:
+            for k in range(LANES // 2):
+                qk = builder.add(qo, ir.Constant(qo.type, 32 * k))
+                xk = builder.add(xo, ir.Constant(xo.type, 64 * k))
+                lanes = _dot_u4_pair(context, builder, sig.args[1], qa, qk, sig.args[3], xa, xk)
+                scale = builder.shuffle_vector(cv, cv, _lanes([2 * k] * 4 + [2 * k + 1] * 4))
+                terms.append(builder.fmul(builder.sitofp(lanes, _f32v), scale, flags=("contract",)))
         return builder.fadd(a, _tree_sum(builder, terms), flags=("contract",))
     return f32x8(f32x8, q, qoff, xq, xoff, f32x8), codegen
 
 
 @intrinsic
 def dot_group(typingctx, acc, q, qoff, xq, xoff, c):
-    """acc + c * lanes(one group of q . xq)   (c: float32; for a row's last ngroups % 8 groups)"""
+    """acc + c * lanes(one group of q . xq)   (c: float32; for a row's last ngroups % 8 groups;
+    xq in natural order)"""
     if acc != f32x8 or not isinstance(c, types.Float) or not _group_dot_args(q, xq):
         return None
 
     def codegen(context, builder, sig, args):
         a, qa, qo, xa, xo, cs = args
-        group_dot = _GROUP_DOTS[sig.args[1].dtype][0]
+        group_dot = _GROUP_DOTS[sig.args[1].dtype]
         lanes = group_dot(context, builder, sig.args[1], qa, qo, sig.args[3], xa, xo)
         cs = context.cast(builder, cs, sig.args[5], types.float32)
         return builder.fadd(a, builder.fmul(builder.sitofp(lanes, _f32v), _splat(builder, cs),
