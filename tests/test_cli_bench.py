@@ -1,0 +1,58 @@
+"""`rwkvcpu bench MODEL` and rwkvcpu.bench: the figures are there and sane (no timing thresholds)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from generate_fakes import tiny_v7_file  # noqa: F401 (fixture)
+from rwkvcpu import bench
+from rwkvcpu.cli.main import cli
+
+KEYS = {"file_bytes", "weight_bytes_per_token", "threads", "load_s", "ttft_s", "decode_ms", "decode_ms_p10",
+        "decode_ms_p90", "decode_tokens", "prefill_tok_s", "prompt_tokens", "peak_rss_bytes"}
+
+
+def test_bench_json(tiny_v7_file):
+    result = CliRunner().invoke(cli, ["bench", str(tiny_v7_file), "--json", "--threads", "1", "-n", "3",
+                                      "--prompt", "5", "--no-bandwidth"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert KEYS <= set(r)
+    assert r["threads"] == 1 and r["decode_tokens"] == 3 and r["prompt_tokens"] == 5
+    assert 0 < r["decode_ms_p10"] <= r["decode_ms"] <= r["decode_ms_p90"]
+    assert r["prefill_tok_s"] > 0 and r["load_s"] > 0 and r["ttft_s"] >= r["load_s"]
+    assert 0 < r["weight_bytes_per_token"] < r["file_bytes"] < r["peak_rss_bytes"]
+
+
+def test_bench_text_report_with_roofline(tiny_v7_file, monkeypatch):
+    # A small bandwidth buffer keeps the test fast; the report must still show the roofline.
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda threads: 20e9)
+    result = CliRunner().invoke(cli, ["bench", str(tiny_v7_file), "-n", "2", "--prompt", "3"])
+    assert result.exit_code == 0, result.output
+    for word in ("decode", "prompt", "peak RSS", "roofline", "20.0 GB/s"):
+        assert word in result.stdout
+
+
+def test_bench_rejects_zero_tokens(tiny_v7_file):
+    result = CliRunner().invoke(cli, ["bench", str(tiny_v7_file), "-n", "0"])
+    assert result.exit_code != 0
+
+
+def test_weight_bytes_per_token_counts_one_embedding_row(tiny_v7_file):
+    from rwkvcpu.io import read_header
+    header, _ = read_header(tiny_v7_file)
+    sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    vocab = header["emb.weight"]["shape"][0]
+    assert bench.weight_bytes_per_token(tiny_v7_file) == sum(sizes.values()) - sizes["emb.weight"] + sizes["emb.weight"] // vocab
+
+
+def test_memory_bandwidth_is_positive():
+    assert bench.memory_bandwidth(1, megabytes=8, repeats=2) > 1e8
+
+
+def test_roofline():
+    r = bench.roofline({"weight_bytes_per_token": 1e9, "decode_ms": 100.0}, 20e9)
+    assert r["roofline_ms"] == pytest.approx(50.0) and r["roofline_pct"] == pytest.approx(50.0)
+    assert np.isclose(r["bandwidth_gbs"], 20.0)
