@@ -1,8 +1,14 @@
 """Weight matrices as single objects (values + scales), and the products on them.
 
 A matrix is one immutable container per storage format (see quant/formats.py
-for the layouts). `matvec` and `matmul` pick the kernel in Python from the
-container's type, so compiled code never branches on the format.
+for the layouts). `matvec` (one token) and `matmul` (a block of tokens, one
+GEMM) pick the kernel in Python from the container's type (KERNELS), so
+compiled code never branches on the format.
+
+    matvec(m, x, out)            out = W @ x                 numba kernels (kernels/matvec.py)
+    matmul(m, X, out)            out = X @ W.T               dequantized tiles + BLAS, split over threads
+    dequantize_rows(m, r0, out)  out = W[r0:r0 + rows]       float32
+    dequantize(m), nbytes(m), from_parts(fmt, parts), format_of(m)
 
 Example:
     >>> m = from_parts("fp32", {"": np.eye(4, dtype=np.float32)})
@@ -116,8 +122,9 @@ def nbytes(m) -> int:
     return sum(a.nbytes for a in m)
 
 
-# Matrices whose values (not counting scales) are smaller than this run their matvec on the calling thread: waking
-# the thread team costs a few microseconds, as long as streaming ~100 KB.
+# Matrices whose values (not counting scales) are smaller than this run their
+# matvec on the calling thread: waking the thread team costs a few
+# microseconds, as long as streaming ~100 KB.
 _PARALLEL_MIN_BYTES = 1 << 17
 
 
@@ -138,32 +145,69 @@ class _ActivationScratch(threading.local):
 _scratch = _ActivationScratch()
 
 
+def _matvec_f32(m, x, out, parallel):
+    (K.matvec_f32 if parallel else K.matvec_f32_serial)(m.w, x, out)
+
+
+def _matvec_f16(m, x, out, parallel):
+    (K.matvec_f16 if parallel else K.matvec_f16_serial)(m.w, x, out)
+
+
+def _matvec_i8(m, x, out, parallel):
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
+    (K.matvec_i8 if parallel else K.matvec_i8_serial)(m.q, m.scale, x, xq, xs, xsum, out)
+
+
+def _matvec_i4(m, x, out, parallel):
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
+    (K.matvec_i4 if parallel else K.matvec_i4_serial)(m.q, m.scale, m.min, x, xq, xs, xsum, out)
+
+
+def _dequantize_f32(m, r0, out, parallel):
+    out[:] = m.w[r0:r0 + out.shape[0]]
+
+
+def _dequantize_f16(m, r0, out, parallel):
+    (K.dequantize_rows_f16 if parallel else K.dequantize_rows_f16_serial)(m.w, r0, out)
+
+
+def _dequantize_i8(m, r0, out, parallel):
+    (K.dequantize_rows_i8 if parallel else K.dequantize_rows_i8_serial)(m.q, m.scale, r0, out)
+
+
+def _dequantize_i4(m, r0, out, parallel):
+    (K.dequantize_rows_i4 if parallel else K.dequantize_rows_i4_serial)(m.q, m.scale, m.min, r0, out)
+
+
+# The one place that maps a storage format to its kernels:
+# container type -> (matvec, dequantize_rows), each taking (m, ..., parallel).
+KERNELS = {
+    F32Matrix: (_matvec_f32, _dequantize_f32),
+    F16Matrix: (_matvec_f16, _dequantize_f16),
+    Int8Matrix: (_matvec_i8, _dequantize_i8),
+    Int4Matrix: (_matvec_i4, _dequantize_i4),
+}
+
+
 def matvec(m, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = W @ x.
 
     Args:
         m: a matrix container (F32Matrix, F16Matrix, Int8Matrix, Int4Matrix) of shape (n, k).
         x: (k,) float32.
-        out: (n,) float32, written.
+        out: (n,) float32, C-contiguous, written.
 
     Returns:
         out.
+
+    Example:
+        >>> out = matvec(m, x, np.empty(m.shape[0], np.float32))
     """
-    t = type(m)
-    parallel = m[0].nbytes >= _PARALLEL_MIN_BYTES
-    if t is Int8Matrix or t is Int4Matrix:
-        if not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x)
-    if t is Int8Matrix:
-        xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
-        (K.matvec_i8 if parallel else K.matvec_i8_serial)(m.q, m.scale, x, xq, xs, xsum, out)
-    elif t is Int4Matrix:
-        xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
-        (K.matvec_i4 if parallel else K.matvec_i4_serial)(m.q, m.scale, m.min, x, xq, xs, xsum, out)
-    elif t is F16Matrix:
-        (K.matvec_f16 if parallel else K.matvec_f16_serial)(m.w, x, out)
-    else:
-        (K.matvec_f32 if parallel else K.matvec_f32_serial)(m.w, x, out)
+    KERNELS[type(m)][0](m, x, out, m[0].nbytes >= _PARALLEL_MIN_BYTES)
     return out
 
 
@@ -178,16 +222,7 @@ def dequantize_rows(m, r0: int, out: np.ndarray) -> np.ndarray:
     Returns:
         out.
     """
-    t = type(m)
-    serial = out.nbytes < _PARALLEL_MIN_BYTES
-    if t is Int8Matrix:
-        (K.dequantize_rows_i8_serial if serial else K.dequantize_rows_i8)(m.q, m.scale, r0, out)
-    elif t is Int4Matrix:
-        (K.dequantize_rows_i4_serial if serial else K.dequantize_rows_i4)(m.q, m.scale, m.min, r0, out)
-    elif t is F16Matrix:
-        (K.dequantize_rows_f16_serial if serial else K.dequantize_rows_f16)(m.w, r0, out)
-    else:
-        out[:] = m.w[r0:r0 + out.shape[0]]
+    KERNELS[type(m)][1](m, r0, out, out.nbytes >= _PARALLEL_MIN_BYTES)
     return out
 
 
@@ -218,13 +253,6 @@ _tiles = _TileScratch()
 
 _SPLIT_MIN_MACS = 1 << 22
 
-_SERIAL_DEQUANTIZE = {
-    Int8Matrix: lambda m, r0, t: K.dequantize_rows_i8_serial(m.q, m.scale, r0, t),
-    Int4Matrix: lambda m, r0, t: K.dequantize_rows_i4_serial(m.q, m.scale, m.min, r0, t),
-    F16Matrix: lambda m, r0, t: K.dequantize_rows_f16_serial(m.w, r0, t),
-}
-
-
 def _gemm_rows(m, X, out, r0, r1):
     """out[:, r0:r1] = X @ W[r0:r1].T, dequantizing a tile of rows at a time."""
     if type(m) is F32Matrix:
@@ -233,10 +261,11 @@ def _gemm_rows(m, X, out, r0, r1):
     k = m.shape[1]
     step = max(8, _TILE_BYTES // (4 * k))
     tile = _tiles.get(min(step, r1 - r0), k)
-    dequantize = _SERIAL_DEQUANTIZE[type(m)]
+    dequantize = KERNELS[type(m)][1]
     for t0 in range(r0, r1, step):
         rows = min(step, r1 - t0)
-        dequantize(m, t0, tile[:rows])
+        # Serial: each GEMM worker dequantizes its own tiles (nogil kernels).
+        dequantize(m, t0, tile[:rows], False)
         np.matmul(X, tile[:rows].T, out=out[:, t0:t0 + rows])
 
 
