@@ -91,23 +91,38 @@ class Tensors:
         return Norm(self.vector(prefix + ".weight"), self.vector(prefix + ".bias"))
 
 
+# Cached (name, shape) views in a Scratch; one token needs about 40.
+_MAX_VIEWS = 1024
+
+
 class Scratch:
     """Named float32 work buffers, reused from call to call.
 
     get(name, shape) returns a C-contiguous view of the buffer of that name,
-    growing it when a larger shape is asked for. A buffer's contents are only
+    growing it when a larger shape is asked for; views are cached, so the
+    one-token path makes no new arrays. A buffer's contents are only
     meaningful within one forward call.
     """
 
     def __init__(self):
         self._bufs = {}
+        self._views = {}
 
     def get(self, name: str, shape: tuple) -> np.ndarray:
+        view = self._views.get((name, shape))
+        if view is not None:
+            return view
         n = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.size < n:
             buf = self._bufs[name] = np.empty(n, np.float32)
-        return buf[:n].reshape(shape)
+            # views of the old, smaller buffer must not be handed out again
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+        if len(self._views) >= _MAX_VIEWS:
+            # prompts of many different lengths: keep the cache bounded
+            self._views.clear()
+        view = self._views[name, shape] = buf[:n].reshape(shape)
+        return view
 
 
 def mm(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
