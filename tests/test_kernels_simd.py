@@ -57,3 +57,28 @@ def test_dequantize_is_vectorised():
     s = np.zeros((4, 4), np.uint16)
     ops = _vector_ops(_asm(K.dequantize_rows_i8_serial, q, s, 0, np.zeros((4, 256), np.float32)))
     assert "vcvtdq2ps" in ops and ops & {"vpmovsxbd"}, sorted(ops)
+
+
+_AVX2_CHECK = """
+import re, numpy as np, numba
+from rwkvcpu.kernels import matvec as K
+q = np.zeros((4, 256), np.uint8); s = np.zeros((4, 16), np.uint16)
+f = numba.njit(fastmath=True)(K._matvec_i4)
+f(q, s, s, np.ones(512, np.float32), np.zeros(512, np.int16), np.zeros(16, np.float32), np.zeros(16, np.float32),
+  np.zeros(4, np.float32))
+print(f.inspect_asm(f.signatures[0]))
+"""
+
+
+def test_avx2_only_cpus_get_256_bit_integer_multiply_add(tmp_path):
+    """Compiled for an AVX2-only CPU (Haswell), the int4 kernel still uses vpmaddwd, and no AVX-512."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2,+lzcnt,+movbe")
+    asm = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    ops = _vector_ops(asm)
+    assert "vpmaddwd" in ops and "vcvtph2ps" in ops and "vpsrlw" in ops, sorted(ops)
+    assert "zmm" not in asm and "vpdpwssd" not in ops
