@@ -17,6 +17,8 @@ max|x over its group| / 65534: a relative error of ~1.5e-5, well below the
 weights' own quantization error.
 """
 
+from types import FunctionType
+
 import numpy as np
 from numba import njit, prange
 
@@ -136,14 +138,33 @@ def _matvec_i4(q, scale, minimum, x, xq, xs, xsum, out):
         out[i] = f32x8_sum(acc) + tail
 
 
-matvec_f32 = njit(parallel=True, fastmath=True, cache=True)(_matvec_f32)
-matvec_f16 = njit(parallel=True, fastmath=True, cache=True)(_matvec_f16)
-matvec_i8 = njit(parallel=True, fastmath=True, cache=True)(_matvec_i8)
-matvec_i4 = njit(parallel=True, fastmath=True, cache=True)(_matvec_i4)
-matvec_f32_serial = njit(fastmath=True, cache=True)(_matvec_f32)
-matvec_f16_serial = njit(fastmath=True, cache=True)(_matvec_f16)
-matvec_i8_serial = njit(fastmath=True, cache=True)(_matvec_i8)
-matvec_i4_serial = njit(fastmath=True, cache=True)(_matvec_i4)
+def _compile(f, parallel: bool):
+    """The kernel `f` compiled to run in parallel over its prange, or serially
+    on the calling thread (without the GIL, so other Python threads can run
+    meanwhile).
+
+    numba's on-disk cache is keyed by a function's name and bytecode, not by the
+    compile options: compiling one Python function twice, parallel and serial,
+    would load one variant's machine code for the other. So each variant gets a
+    function object of its own name.
+    """
+    suffix = "_parallel" if parallel else "_serial"
+    g = FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    g.__doc__ = f.__doc__
+    if parallel:
+        return njit(parallel=True, fastmath=True, cache=True)(g)
+    return njit(nogil=True, fastmath=True, cache=True)(g)
+
+
+matvec_f32 = _compile(_matvec_f32, parallel=True)
+matvec_f16 = _compile(_matvec_f16, parallel=True)
+matvec_i8 = _compile(_matvec_i8, parallel=True)
+matvec_i4 = _compile(_matvec_i4, parallel=True)
+matvec_f32_serial = _compile(_matvec_f32, parallel=False)
+matvec_f16_serial = _compile(_matvec_f16, parallel=False)
+matvec_i8_serial = _compile(_matvec_i8, parallel=False)
+matvec_i4_serial = _compile(_matvec_i4, parallel=False)
 
 
 def _dequantize_rows_f16(w, r0, out):
@@ -179,9 +200,9 @@ def _dequantize_rows_i4(q, scale, minimum, r0, out):
 
 # Parallel over rows, for the engine's own calls; serial and GIL-free, for the
 # GEMM workers of matrix.matmul (each dequantizes its own tiles).
-dequantize_rows_f16 = njit(parallel=True, fastmath=True, cache=True)(_dequantize_rows_f16)
-dequantize_rows_i8 = njit(parallel=True, fastmath=True, cache=True)(_dequantize_rows_i8)
-dequantize_rows_i4 = njit(parallel=True, fastmath=True, cache=True)(_dequantize_rows_i4)
-dequantize_rows_f16_serial = njit(nogil=True, fastmath=True, cache=True)(_dequantize_rows_f16)
-dequantize_rows_i8_serial = njit(nogil=True, fastmath=True, cache=True)(_dequantize_rows_i8)
-dequantize_rows_i4_serial = njit(nogil=True, fastmath=True, cache=True)(_dequantize_rows_i4)
+dequantize_rows_f16 = _compile(_dequantize_rows_f16, parallel=True)
+dequantize_rows_i8 = _compile(_dequantize_rows_i8, parallel=True)
+dequantize_rows_i4 = _compile(_dequantize_rows_i4, parallel=True)
+dequantize_rows_f16_serial = _compile(_dequantize_rows_f16, parallel=False)
+dequantize_rows_i8_serial = _compile(_dequantize_rows_i8, parallel=False)
+dequantize_rows_i4_serial = _compile(_dequantize_rows_i4, parallel=False)
