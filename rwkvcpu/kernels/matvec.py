@@ -24,10 +24,13 @@ from numba import njit, prange
 
 from .f16 import f16_to_f32
 from .simd import (dequantize_group, dot_group, dot_groups8, f32_bits, f32x8_absmax, f32x8_add,
-                   f32x8_fma, f32x8_load, f32x8_max, f32x8_mul, f32x8_sum, f32x8_zero)
+                   f32x8_fma, f32x8_load, f32x8_max, f32x8_mul, f32x8_sum, f32x8_zero, prefetch)
 
 # Exponent bits of a float32: all set for inf and NaN.
 _EXPONENT = 0x7F800000
+# How far ahead of the int4 kernel's reads to prefetch (prefetches never fault,
+# so running past the end of the matrix is harmless).
+_PREFETCH_BYTES = 4096
 
 
 @njit(fastmath=True, cache=True)
@@ -128,9 +131,14 @@ def _matvec_i4(q, scale, minimum, x, xq, xs, xsum, out):
     for i in prange(n):
         acc = f32x8_zero()
         for g in range(0, full, 8):
+            base = i * half + 16 * g
+            # The int4 loop computes so much per byte that the hardware prefetcher
+            # falls behind; fetching 4 KB ahead gains ~25% out of cache (measured).
+            prefetch(q, base + _PREFETCH_BYTES)
+            prefetch(q, base + _PREFETCH_BYTES + 64)
             c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, g))
             acc = f32x8_fma(acc, f32x8_load(minimum, i * ng + g), f32x8_load(xsum, g))
-            acc = dot_groups8(acc, q, i * half + 16 * g, xq, 32 * g, c)
+            acc = dot_groups8(acc, q, base, xq, 32 * g, c)
         tail = np.float32(0.0)
         for g in range(full, ng):
             acc = dot_group(acc, q, i * half + 16 * g, xq, 32 * g, f16_to_f32(scale[i, g]) * xs[g])
