@@ -77,3 +77,27 @@ def test_matmul_same_result_on_any_thread_count(restore_threads, n_threads, fmt)
     out = M.matmul(m, X, np.empty((32, 700), np.float32))
     ref = X.astype(np.float64) @ FORMATS[fmt].dequantize(parts).T.astype(np.float64)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+_CACHE_CHECK = """
+import numpy as np
+from numba.np.ufunc import parallel
+from rwkvcpu.kernels import matvec as K
+w = np.ones((64, 64), np.float32); x = np.ones(64, np.float32); out = np.empty(64, np.float32)
+K.matvec_f32_serial(w, x, out)     # compiled and written to the (empty) cache first
+assert not parallel._is_initialized
+K.matvec_f32(w, x, out)            # must not load the serial variant's machine code
+print(parallel._is_initialized)
+"""
+
+
+def test_parallel_kernels_are_not_served_from_the_serial_variants_cache(tmp_path):
+    """numba caches by function name and bytecode: the two variants of a kernel must not collide."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for _ in range(2):      # the second time, both variants come from the cache
+        out = subprocess.run([sys.executable, "-c", _CACHE_CHECK], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "True", "the parallel kernel never started numba's threads"
