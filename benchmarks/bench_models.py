@@ -269,7 +269,7 @@ def report(results: dict, info: dict, args, elapsed: float) -> str:
         f"- Memory: {info.get('memory_gb', '?')} GB; bandwidth (numba streaming read of 512 MB) at the start "
         f"and the end of this run: 1 thread {', '.join(f'{b[1] / 1e9:.1f}' for b in bw)} GB/s, {n} threads "
         f"{', '.join(f'{b[n] / 1e9:.1f}' for b in bw)} GB/s. It varies with what else runs on the host, so each "
-        "row's roofline uses the bandwidth measured right after that row's decoding, in the same process.",
+        "row's roofline uses the bandwidth measured while that row decoded (see the notes).",
         f"- Software: Python {info['python']}, numpy {info['numpy']}, numba {info['numba']}, BLAS "
         f"{info.get('blas', '?')}, torch {info['torch']}, rwkv {info['rwkv']}; Linux {info['kernel']}",
         f"- Threads: {n} for rwkvcpu and for torch.",
@@ -278,7 +278,7 @@ def report(results: dict, info: dict, args, elapsed: float) -> str:
         "",
         "decode: median ms/token of "
         f"{args.tokens} greedy one-token steps after {16} warm-up steps. roofline: weight bytes read per token / "
-        f"bandwidth ({n} threads, measured right after), and the share of it reached. prefill: tokens/s for a "
+        f"bandwidth ({n} threads, measured while decoding), and the share of it reached. prefill: tokens/s for a "
         f"{args.prompt}-token prompt (best of 2). load: opening the model (rwkvcpu maps the file). TTFT: from "
         "the start of the measuring command (imports included, numba's kernel cache warm) to the logits of the "
         "first token after a 16-token prompt. RSS: peak resident memory of the process (and its share of the "
@@ -376,8 +376,12 @@ NOTES = [
     "(the default, 300000, kept them spinning for milliseconds into the next phase). So at most `threads` "
     "threads compute at any moment.",
     "- **Roofline.** Bytes of every tensor a decode step reads (all but one row of the embedding), divided by "
-    "the bandwidth measured with the same thread count right after the row's decoding. It leaves out the recurrent state "
-    "(read and written every token; 6 MB for v7-0.4b) and the Python work between kernels.",
+    "the bandwidth of the same moments: `rwkvcpu bench` streams exactly those bytes of the model's own mapping "
+    "of the file, with the same threads, before, every 50 tokens during and after the timed decode steps "
+    "(the median counts; the range is in results.json). This host's bandwidth swings between ~30 and ~55 GB/s "
+    "from one minute to the next with what else runs on it, which is why no single figure serves every row. "
+    "The roofline leaves out the recurrent state (read and written every token; 6 MB for v7-0.4b) and the "
+    "Python work between kernels. The reference row uses a 512 MB buffer's bandwidth, measured right after it.",
     "- **Machine load.** This machine is shared; 'busy' is the share of all cores that other processes used "
     "while a row was measured (the least disturbed of up to 3 tries). Rows measured while it was busy are "
     "slower than the machine allows.",

@@ -18,15 +18,17 @@ from .options import INT, threads_option
 @click.option("--prompt", "prompt_tokens", type=INT, default=512, show_default=True, metavar="N",
               help="Length of the prompt timed for prompt (prefill) speed.")
 @click.option("--no-bandwidth", is_flag=True,
-              help="Skip measuring memory bandwidth (it reads a 512 MB buffer) and the roofline.")
+              help="Skip measuring the memory bandwidth (by streaming the model's weights between decode steps) "
+                   "and the roofline.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def bench(model_path, threads, tokens, prompt_tokens, no_bandwidth, as_json):
     """Time MODEL: load, first token, decode and prompt speed, peak memory,
     and decode against the memory-bandwidth floor (the roofline).
 
     Decoding one token reads every weight once, so it cannot beat
-    (bytes of weights) / (memory bandwidth); the bandwidth is measured in the
-    same run. Close other busy programs first: they share the memory bus.
+    (bytes of weights) / (memory bandwidth); the bandwidth is measured while
+    decoding, by streaming the same bytes. Close other busy programs first:
+    they share the cores and the memory bus.
 
     \b
     Examples:
@@ -40,8 +42,7 @@ def bench(model_path, threads, tokens, prompt_tokens, no_bandwidth, as_json):
     if tokens < 1 or prompt_tokens < 1:
         raise InvalidArgumentError("--tokens and --prompt must be at least 1")
     result = B.measure(model_path, threads=threads, decode_tokens=tokens, prompt_tokens=prompt_tokens,
-                       start=start)
-    # After measure(): the bandwidth buffer must not count in the model's peak memory.
+                       start=start, bandwidth=not no_bandwidth)
     if not no_bandwidth:
-        result.update(B.roofline(result, B.memory_bandwidth(result["threads"])))
+        result.update(B.roofline(result))
     click.echo(json.dumps(result) if as_json else B.format_report(result))

@@ -22,6 +22,8 @@ import numpy as np
 
 # The prompt whose first token `ttft_s` waits for, in tokens.
 TTFT_PROMPT = 16
+# Weights smaller than this stay in the caches: their bandwidth is not the memory's.
+_MIN_STREAM_BYTES = 64 << 20
 
 
 def memory_bandwidth(threads: Optional[int] = None, megabytes: int = 512, repeats: int = 5) -> float:
@@ -52,6 +54,72 @@ def memory_bandwidth(threads: Optional[int] = None, megabytes: int = 512, repeat
         read_rows(a, out)
         best = min(best, time.perf_counter() - t)
     return a.nbytes / best
+
+
+def _token_ranges(path) -> list:
+    """(offset, size) of the file regions one decoded token reads: every tensor but the
+    embedding, adjacent tensors merged."""
+    from .io import read_header
+
+    header, start = read_header(path)
+    spans = sorted((start + v["data_offsets"][0], start + v["data_offsets"][1])
+                   for k, v in header.items() if k != "__metadata__" and not k.startswith("emb.weight"))
+    merged = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in merged]
+
+
+class WeightStream:
+    """Streams the bytes of a model file that one decoded token reads, with the
+    same kernel and threads as memory_bandwidth: the bandwidth this process gets
+    for exactly those pages (file-backed, as the model maps them), measurable
+    between decode steps without allocating anything."""
+
+    _ROW = 1 << 14      # floats per row of the views: 64 KB
+
+    def __init__(self, path, mapping=None):
+        """mapping: the model's own mapping of the file (a buffer), if at hand; a second
+        mapping of the same pages would count them twice in the resident set."""
+        import mmap
+        if mapping is None:
+            with open(path, "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._map = mapping
+        self.views = []
+        for lo, size in _token_ranges(path):
+            lo4 = (lo + 3) // 4 * 4
+            rows = (size - (lo4 - lo)) // (4 * self._ROW)
+            if rows:
+                self.views.append(np.frombuffer(self._map, np.float32, rows * self._ROW, lo4).reshape(rows, self._ROW))
+        self.nbytes = sum(v.nbytes for v in self.views)
+        self._out = np.empty(max((v.shape[0] for v in self.views), default=1), np.float32)
+
+    def bandwidth(self, repeats: int = 2) -> float:
+        """Bytes per second, best of `repeats` passes."""
+        from .kernels.stream import read_rows
+
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for v in self.views:
+                read_rows(v, self._out[:v.shape[0]])
+            best = min(best, time.perf_counter() - t)
+        return self.nbytes / best
+
+
+def _file_mapping(model):
+    """The buffer (mmap) the model's weights are views of, or None."""
+    try:
+        a = model._weights.head[0]
+        while isinstance(a, np.ndarray):
+            a = a.base
+        return a if a is not None and memoryview(a).nbytes == os.path.getsize(model.path) else None
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
 
 
 def weight_bytes_per_token(path) -> int:
@@ -91,13 +159,19 @@ def peak_rss_bytes() -> int:
 
 
 def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, warmup_tokens: int = 16,
-            prompt_tokens: int = 512, prompt_runs: int = 2, start: Optional[float] = None, seed: int = 0) -> dict:
+            prompt_tokens: int = 512, prompt_runs: int = 2, start: Optional[float] = None, seed: int = 0,
+            bandwidth: bool = True) -> dict:
     """Load a model and time it.
 
     In order: load (the file is memory-mapped), the first token after a
     TTFT_PROMPT-token prompt, `warmup_tokens` untimed tokens, `decode_tokens`
     timed one-token steps (greedy: each step feeds back the most likely token),
     then a `prompt_tokens`-token prompt at once, `prompt_runs` times.
+
+    With `bandwidth`, the bytes a token reads are also streamed (WeightStream)
+    before, between (every 50 tokens) and after the timed steps: the memory
+    bandwidth of the same moments, for the roofline (it varies with what else
+    runs on the machine).
 
     Args:
         path: an rwkvcpu .safetensors file.
@@ -135,12 +209,22 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
     for _ in range(warmup_tokens):
         logits, state = model.forward([token], state)
         token = int(np.argmax(logits))
+    mapping = _file_mapping(model) if bandwidth else None
+    # Without the model's own mapping, stream only after the peak memory is read (see below).
+    stream = WeightStream(path, mapping) if mapping is not None else None
+    if stream is not None and stream.nbytes < _MIN_STREAM_BYTES:
+        stream = None
+    bandwidths = []
     steps = np.empty(decode_tokens)
     for i in range(decode_tokens):
+        if stream is not None and i % 50 == 0:
+            bandwidths.append(stream.bandwidth())
         t = time.perf_counter()
         logits, state = model.forward([token], state)
         token = int(np.argmax(logits))
         steps[i] = time.perf_counter() - t
+    if stream is not None:
+        bandwidths.append(stream.bandwidth())
 
     prompt = rng.integers(0, vocab, prompt_tokens).tolist()
     best = float("inf")
@@ -149,7 +233,19 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
         model.forward(prompt)
         best = min(best, time.perf_counter() - t)
 
-    return {
+    peak_rss = peak_rss_bytes()
+    if bandwidth and stream is None:
+        # After the peak memory is read: a second mapping, or a buffer, adds to it.
+        stream = WeightStream(path)
+        if stream.nbytes >= _MIN_STREAM_BYTES:
+            bandwidths = [stream.bandwidth() for _ in range(3)]
+        else:
+            bandwidths = [memory_bandwidth(model.threads)]
+    extra = {}
+    if bandwidths:
+        extra = {"bandwidth_gbs": float(np.median(bandwidths)) / 1e9,
+                 "bandwidth_gbs_min": min(bandwidths) / 1e9, "bandwidth_gbs_max": max(bandwidths) / 1e9}
+    return extra | {
         "file_bytes": os.path.getsize(path),
         "weight_bytes_per_token": weight_bytes_per_token(path),
         "threads": model.threads,
@@ -161,13 +257,15 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
         "decode_tokens": decode_tokens,
         "prefill_tok_s": prompt_tokens / best,
         "prompt_tokens": prompt_tokens,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
     }
 
 
-def roofline(result: dict, bandwidth: float) -> dict:
-    """The decode floor at `bandwidth` bytes/s and the share of it reached:
-    roofline_ms = weight_bytes_per_token / bandwidth, roofline_pct = 100 * roofline_ms / decode_ms."""
+def roofline(result: dict, bandwidth: Optional[float] = None) -> dict:
+    """The decode floor and the share of it reached: roofline_ms = weight_bytes_per_token /
+    bandwidth, roofline_pct = 100 * roofline_ms / decode_ms. `bandwidth` in bytes/s; by default
+    the one measure() took during decoding."""
+    bandwidth = bandwidth if bandwidth is not None else result["bandwidth_gbs"] * 1e9
     floor_ms = result["weight_bytes_per_token"] / bandwidth * 1e3
     return {"bandwidth_gbs": bandwidth / 1e9, "roofline_ms": floor_ms,
             "roofline_pct": 100.0 * floor_ms / result["decode_ms"]}
@@ -186,6 +284,9 @@ def format_report(r: dict) -> str:
         f"peak RSS        {r['peak_rss_bytes'] / 1e6:9.1f} MB   ({100 * r['peak_rss_bytes'] / r['file_bytes']:.0f}% of the file)",
     ]
     if "roofline_ms" in r:
-        lines.append(f"bandwidth       {r['bandwidth_gbs']:9.1f} GB/s (measured now, {r['threads']} threads)")
+        spread = (f"; {r['bandwidth_gbs_min']:.1f}-{r['bandwidth_gbs_max']:.1f} between decode steps"
+                  if "bandwidth_gbs_min" in r else "")
+        lines.append(f"bandwidth       {r['bandwidth_gbs']:9.1f} GB/s (streaming the model's weights, "
+                     f"{r['threads']} threads{spread})")
         lines.append(f"roofline        {r['roofline_ms']:9.2f} ms/token; decode reaches {r['roofline_pct']:.0f}% of it")
     return "\n".join(lines)
