@@ -129,17 +129,17 @@ _PARALLEL_MIN_BYTES = 1 << 17
 
 
 class _ActivationScratch(threading.local):
-    """Per calling thread: the int16 activations of the quantized kernels, by (width, groups)."""
+    """Per calling thread: the int16 activations of the quantized kernels, by input width
+    (one dict per format: int8 and int4 groups differ)."""
 
     def __init__(self):
-        self.by_shape = {}
+        self.int8 = {}
+        self.int4 = {}
 
-    def get(self, m: int, ngroups: int):
-        bufs = self.by_shape.get((m, ngroups))
-        if bufs is None:
-            bufs = self.by_shape[(m, ngroups)] = (
-                np.empty(m, np.int16), np.empty(ngroups, np.float32), np.empty(ngroups, np.float32))
-        return bufs
+
+def _new_activations(table, m: int, group: int):
+    table[m] = bufs = (np.empty(m, np.int16), np.empty(m // group, np.float32), np.empty(m // group, np.float32))
+    return bufs
 
 
 _scratch = _ActivationScratch()
@@ -156,14 +156,18 @@ def _matvec_f16(m, x, out, parallel):
 def _matvec_i8(m, x, out, parallel):
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
-    xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
+    table = _scratch.int8
+    n = x.shape[0]
+    xq, xs, xsum = table.get(n) or _new_activations(table, n, 64)
     (K.matvec_i8 if parallel else K.matvec_i8_serial)(m.q, m.scale, x, xq, xs, xsum, out)
 
 
 def _matvec_i4(m, x, out, parallel):
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
-    xq, xs, xsum = _scratch.get(x.shape[0], m.scale.shape[1])
+    table = _scratch.int4
+    n = x.shape[0]
+    xq, xs, xsum = table.get(n) or _new_activations(table, n, 32)
     (K.matvec_i4 if parallel else K.matvec_i4_serial)(m.q, m.scale, m.min, x, xq, xs, xsum, out)
 
 
