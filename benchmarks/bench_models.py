@@ -222,9 +222,10 @@ def python_overhead(work: Path, threads: int, tokens: int) -> dict:
         path = work / f"overhead-v7-{dtype}.safetensors"
         if not path.exists():
             convert(pth, path, dtype=dtype, progress=False)
-        # Also compiles (or loads from numba's cache) every kernel the dtype uses,
-        # so that the timed runs below start warm.
-        res[dtype], _ = run_json(_bench_cmd(path, threads, max(tokens, 200), 16, bandwidth=False))
+        # The first run also compiles (or loads from numba's cache) every kernel the
+        # dtype uses, so that the timed runs below start warm.
+        run_json(_bench_cmd(path, threads, 5, 16, bandwidth=False))
+        res[dtype] = measured(_bench_cmd(path, threads, max(5 * tokens, 1000), 16, bandwidth=False))
     return res
 
 
