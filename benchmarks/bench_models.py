@@ -229,6 +229,31 @@ def python_overhead(work: Path, threads: int, tokens: int) -> dict:
     return res
 
 
+def thread_census(path, threads: int) -> dict:
+    """While `rwkvcpu bench` runs a 512-token prompt and decodes, count every 0.5 ms how many of its
+    threads are running or waiting for a CPU (state R in /proc: a spinning thread counts too).
+    Returns {count: share of samples}."""
+    import collections
+    cmd = _bench_cmd(path, threads, 100, 512, bandwidth=False)
+    wait_for_quiet()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    counts = collections.Counter()
+    tasks = f"/proc/{proc.pid}/task"
+    while proc.poll() is None:
+        running = 0
+        try:
+            for tid in os.listdir(tasks):
+                with open(f"{tasks}/{tid}/stat") as f:
+                    stat = f.read()
+                running += stat[stat.rindex(")") + 2] == "R"
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        counts[running] += 1
+        time.sleep(0.0005)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items())}
+
+
 def _bench_cmd(path, threads, tokens, prompt, bandwidth=True):
     """`rwkvcpu bench`, which also measures the bandwidth right after decoding (the
     machine's bandwidth varies with what else runs on its host)."""
@@ -304,6 +329,20 @@ def report(results: dict, info: dict, args, elapsed: float) -> str:
     for shape, why in results.get("skipped", {}).items():
         lines.append(f"\n{shape}: not measured: {why}")
     lines += ["", *targets(results), "", *NOTES, ""]
+    census = results.get("census")
+    if census:
+        lines += [
+            "## Threads running at once",
+            "",
+            f"Every 0.5 ms while `rwkvcpu bench` ran {TARGET_SHAPE} int8 (a 512-token prompt twice, then 100 "
+            f"decode steps, --threads {n}), the number of its threads that were running or waiting for a CPU "
+            "(state R: a thread spinning idle counts as running), as a share of the samples:",
+            "",
+            "| threads running | " + " | ".join(str(k) for k in census) + " |",
+            "| --- | " + " | ".join("---:" for _ in census) + " |",
+            "| share of samples | " + " | ".join(f"{100 * v:.1f}%" for v in census.values()) + " |",
+            "",
+        ]
     ov = results.get("overhead")
     if ov:
         lines += [
@@ -468,6 +507,10 @@ def main():
                           *[str(paths[d]) for d in DTYPES]])
         rows["kl"] = {d: kl[str(paths[d])] for d in DTYPES[1:]}
         log(f"{name} KL vs fp32: " + ", ".join(f"{d} {rows['kl'][d]['kl']:.2e}" for d in DTYPES[1:]))
+        if name == TARGET_SHAPE:
+            results["census"] = thread_census(paths["int8"], args.threads)
+            log("threads running at once (share of samples): " + ", ".join(
+                f"{k}: {100 * v:.1f}%" for k, v in results["census"].items()))
         # Write as we go: a long run that fails late still leaves its numbers.
         Path(args.out).write_text(report(results, info, args, time.perf_counter() - t_start))
 
