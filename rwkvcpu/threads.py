@@ -19,7 +19,14 @@ cores the next pool needs. So:
   neither the user nor an earlier parallel kernel has fixed it.
 
 With `threads=n`, at most n threads compute at any moment, whichever pool
-is active.
+is active. Measured (benchmarks/RESULTS.md, "Threads running at once"): over
+a 512-token prompt and 100 decode steps with 2 threads, 3 threads were
+runnable in 0.9% of 0.5 ms samples (an OpenMP spin tail meeting a GEMM's
+start); 7% with OpenMP's default spin count.
+
+A busy machine hurts: when another process holds a core, each parallel
+region waits for the scheduler to run its second thread (about 1 ms on this
+Linux), so decode slows many-fold. Give `threads=` no more than the idle cores.
 
 Example:
     >>> from rwkvcpu import threads
