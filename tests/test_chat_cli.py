@@ -110,7 +110,10 @@ def test_subprocess_piped_chat_with_state_file(tiny_v7_file, tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 def test_subprocess_sigint_stops_only_the_reply(tiny_v7_file):
-    p = subprocess.Popen([RWKVCPU, "chat", "-m", str(tiny_v7_file), "-n", "400", *GREEDY, "--ignore-eos"],
+    # A reply that cannot end by itself before the signal: no newline token (so no blank
+    # line), no end-of-text, and far more tokens than can run in the half second we wait.
+    p = subprocess.Popen([RWKVCPU, "chat", "-m", str(tiny_v7_file), "-n", "1000000", *GREEDY,
+                          "--ignore-eos", "--ban", "10"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1"))
     p.stdin.write(b"Hello\n")
