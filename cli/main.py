@@ -54,9 +54,14 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # One line, as for every other bad input: what is wrong and where to look.
+        where = e.ctx.command_path if e.ctx is not None else "rwkvcpu"
+        click.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2 if e.exit_code == 1 or isinstance(e, click.UsageError) else e.exit_code)
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
     except RwkvCpuError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
