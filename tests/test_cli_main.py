@@ -15,7 +15,7 @@ RWKVCPU = str(Path(sys.executable).parent / "rwkvcpu")
     (["generate", "--no-such-flag"], "No such option"),
     (["convert"], "Missing argument 'SRC'"),
     (["no-such-command"], "No such command"),
-    (["convert", "a.pth", "b.safetensors", "--dtype", "int3"], "--dtype"),
+    (["convert", "a.pth", "b.safetensors", "--dtype", "int3"], "int3"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
