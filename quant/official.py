@@ -27,6 +27,8 @@ import numpy as np
 
 from rwkvcpu.config import GENERATIONS
 
+from .readers.pth import contiguous_strides
+
 OFFICIAL_DTYPE = "bf16"
 
 
@@ -341,15 +343,12 @@ def _ptuple(items) -> bytes:
 def _tensor_pickle(key: str, shape: tuple, dtype: str) -> bytes:
     storage, _ = _STORAGE[dtype]
     numel = int(np.prod(shape)) if shape else 1
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= d
+    strides = contiguous_strides(shape)
     pid = _ptuple([_pstr("storage"), pickle.GLOBAL + f"torch\n{storage}\n".encode(),
                    _pstr(key), _pstr("cpu"), _pint(numel)]) + pickle.BINPERSID
     hooks = pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE
     args = _ptuple([pid, _pint(0), _ptuple(_pint(d) for d in shape),
-                    _ptuple(_pint(s) for s in reversed(strides)), pickle.NEWFALSE, hooks])
+                    _ptuple(_pint(s) for s in strides), pickle.NEWFALSE, hooks])
     return pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + args + pickle.REDUCE
 
 

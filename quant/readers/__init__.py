@@ -7,26 +7,20 @@ tensors lazily under official or rwkv.cpp names.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rwkvcpu.errors import ModelFormatError
 
-from .base import OFFICIAL, RWKV_CPP, Source, TensorInfo  # noqa: F401
+from .base import OFFICIAL, RWKV_CPP, Source, TensorInfo, open_checkpoint_file  # noqa: F401
 
 
 def _open_file(path: Path) -> Source:
     from . import ggml, pth, safetensors_file
 
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = path.stat().st_size
-    except IsADirectoryError:
-        raise ModelFormatError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise ModelFormatError(f"{path}: permission denied") from None
-    if not head:
-        raise ModelFormatError(f"{path}: file is empty")
+    with open_checkpoint_file(path) as f:
+        head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
     if ggml.is_ggml(head):
         return ggml.GgmlSource(path)
     if head.startswith(pth.ZIP_MAGIC):

@@ -86,6 +86,28 @@ class Source:
         self.close()
 
 
+def open_checkpoint_file(path: Path):
+    """Open a checkpoint file for binary reading; a one-line ModelFormatError if it cannot be read.
+
+    Raises:
+        ModelFormatError: missing, a directory, not readable, or empty.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ModelFormatError(f"{path}: is a directory, expected a file") from None
+    except PermissionError:
+        raise ModelFormatError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise ModelFormatError(f"{path}: file is empty")
+    return f
+
+
 class MappedFile:
     """A read-only memory map of one file, with page release after use.
 
@@ -96,18 +118,8 @@ class MappedFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self._f = open(self.path, "rb")
-        except FileNotFoundError:
-            raise ModelFormatError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise ModelFormatError(f"{self.path}: is a directory, expected a file") from None
-        except PermissionError:
-            raise ModelFormatError(f"{self.path}: permission denied") from None
+        self._f = open_checkpoint_file(self.path)
         self.size = os.fstat(self._f.fileno()).st_size
-        if self.size == 0:
-            self._f.close()
-            raise ModelFormatError(f"{self.path}: file is empty")
         self.mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def array(self, dtype, offset: int, count: int) -> np.ndarray:
@@ -141,3 +153,48 @@ class MappedFile:
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) -> float32: bf16 is the high half of an fp32."""
     return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+class MappedSource(Source):
+    """A reader of one memory-mapped file.
+
+    Subclasses parse the file's index in `_index` (filling `_infos`, and
+    `_offsets`: name -> byte offset of the tensor's data); the map is closed
+    if that fails, so a refused file leaves nothing open.
+    """
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._offsets = {}
+        self._file = MappedFile(path)
+        try:
+            self._index()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _index(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def release(self, name):
+        self._file.drop(self._offsets[name], self._infos[name].nbytes)
+
+    def close(self):
+        self._file.close()
+
+
+def numel(shape) -> int:
+    """Number of elements of a shape (1 for a scalar's ())."""
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored float array (dtype "F32", "F16", "BF16" as uint16 bits, "F64") as float32.
+
+    F32 is returned as it is (a view of the file); the others are converted.
+    """
+    if dtype == "BF16":
+        return bf16_to_f32(raw)
+    if dtype == "F32":
+        return raw
+    return raw.astype(np.float32)

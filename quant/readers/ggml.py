@@ -34,7 +34,7 @@ import numpy as np
 
 from rwkvcpu.errors import ModelFormatError
 
-from .base import RWKV_CPP, MappedFile, Source, TensorInfo
+from .base import RWKV_CPP, MappedSource, TensorInfo, as_float32, numel
 
 MAGIC = 0x67676D66
 VERSIONS = (100, 101)
@@ -58,6 +58,8 @@ TYPES = {
     8: _Type("Q5_1", QK, 24),
     9: _Type("Q8_0", QK, 34),
 }
+TYPES_BY_NAME = {t.name: t for t in TYPES.values()}
+FLOATS = {"F32": np.float32, "F16": np.float16}
 
 # rwkv.cpp's ln_x epsilon per generation family (rwkv_graph.inc): v5 normalises
 # with 1e-5; v6 scales by 1/8 before a 1e-5 norm (the same as 64e-5) and later
@@ -69,7 +71,7 @@ def is_ggml(head: bytes) -> bool:
     return len(head) >= 4 and struct.unpack_from("<I", head)[0] == MAGIC
 
 
-class GgmlSource(Source):
+class GgmlSource(MappedSource):
     """A rwkv.cpp .bin file, indexed on open; tensors dequantized on load.
 
     Example:
@@ -79,15 +81,6 @@ class GgmlSource(Source):
 
     format = "rwkv.cpp"
     naming = RWKV_CPP
-
-    def __init__(self, path):
-        super().__init__(path)
-        self._file = MappedFile(path)
-        try:
-            self._index()
-        except BaseException:
-            self._file.close()
-            raise
 
     def _index(self):
         f, p = self._file, self.path
@@ -101,7 +94,6 @@ class GgmlSource(Source):
                 f"{p}: rwkv.cpp file version {version} is not supported (only 100 and 101); "
                 f"re-create it with a current rwkv.cpp")
         self.version = version
-        self._where = {}
         off = 24
         while off < f.size:
             if off + 12 > f.size:
@@ -134,14 +126,14 @@ class GgmlSource(Source):
                 if ne[0] % t.block_elems:
                     raise ModelFormatError(
                         f"{p}: tensor {name!r} is {t.name} but its rows ({ne[0]}) are not whole blocks")
-            n = int(np.prod(ne))
+            n = numel(ne)
             nbytes = t.nbytes(n)
             if off + nbytes > f.size:
                 raise ModelFormatError(
                     f"{p}: truncated in tensor {name!r} (needs {off + nbytes} bytes, file has {f.size})")
             shape = tuple(reversed(ne))
             self._infos[name] = TensorInfo(name, shape, t.name, nbytes)
-            self._where[name] = (off, dtype)
+            self._offsets[name] = off
             off += nbytes
         if not self._infos:
             raise ModelFormatError(f"{p}: rwkv.cpp file holds no tensors")
@@ -157,22 +149,12 @@ class GgmlSource(Source):
 
     def load(self, name):
         info = self.info(name)
-        off, dtype = self._where[name]
-        n = int(np.prod(info.shape))
-        t = TYPES[dtype]
-        if dtype == 0:
-            return self._file.array(np.float32, off, n).reshape(info.shape)
-        if dtype == 1:
-            return self._file.array(np.float16, off, n).astype(np.float32).reshape(info.shape)
-        blocks = self._file.array(np.uint8, off, info.nbytes).reshape(-1, t.block_bytes)
-        return DEQUANTIZE[t.name](blocks).reshape(info.shape)
-
-    def release(self, name):
-        off, _ = self._where[name]
-        self._file.drop(off, self._infos[name].nbytes)
-
-    def close(self):
-        self._file.close()
+        off = self._offsets[name]
+        if info.dtype in FLOATS:
+            raw = self._file.array(FLOATS[info.dtype], off, numel(info.shape)).reshape(info.shape)
+            return as_float32(raw, info.dtype)
+        blocks = self._file.array(np.uint8, off, info.nbytes).reshape(-1, TYPES_BY_NAME[info.dtype].block_bytes)
+        return DEQUANTIZE[info.dtype](blocks).reshape(info.shape)
 
 
 # Dequantization of ggml blocks: each takes (n_blocks, block_bytes) uint8 and

@@ -27,7 +27,7 @@ import numpy as np
 
 from rwkvcpu.errors import ModelFormatError, UnsafePickleError
 
-from .base import OFFICIAL, MappedFile, Source, TensorInfo, bf16_to_f32
+from .base import OFFICIAL, MappedSource, TensorInfo, as_float32, numel
 
 ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (torch < 1.6) files start with a pickled magic number.
@@ -193,7 +193,7 @@ def _flatten(obj, path):
     return out
 
 
-class PthSource(Source):
+class PthSource(MappedSource):
     """A torch zip checkpoint, read without torch.
 
     Example:
@@ -203,15 +203,6 @@ class PthSource(Source):
 
     format = "pth"
     naming = OFFICIAL
-
-    def __init__(self, path):
-        super().__init__(path)
-        self._file = MappedFile(path)
-        try:
-            self._index()
-        except BaseException:
-            self._file.close()
-            raise
 
     def _index(self):
         p, mm = self.path, self._file.mm
@@ -233,7 +224,7 @@ class PthSource(Source):
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
             raise ModelFormatError(f"{p}: cannot read data.pkl ({e})") from None
         tensors = _flatten(load_pickle(data, p), p)
-        self._lazy, self._span = {}, {}
+        self._lazy = {}
         for name, t in tensors.items():
             key = f"{prefix}data/{t.storage.key}"
             if key not in entries:
@@ -246,11 +237,11 @@ class PthSource(Source):
             start = self._data_start(info)
             if t.storage.numel * isz > info.file_size or start + info.file_size > self._file.size:
                 raise ModelFormatError(f"{p}: truncated in tensor {name!r} (storage {key})")
-            n = int(np.prod(t.shape)) if t.shape else 1
+            n = numel(t.shape)
             if n and (t.offset + sum((s - 1) * st for s, st in zip(t.shape, t.stride)) + 1 > t.storage.numel):
                 raise ModelFormatError(f"{p}: tensor {name!r} reaches past the end of its storage")
             self._lazy[name] = (t, start, dt)
-            self._span[name] = (start + t.offset * isz, n * isz)
+            self._offsets[name] = start + t.offset * isz
             self._infos[name] = TensorInfo(name, t.shape, dt, n * isz)
 
     def _data_start(self, info):
@@ -264,30 +255,20 @@ class PthSource(Source):
     def load(self, name):
         self.info(name)
         t, start, dt = self._lazy[name]
-        n = int(np.prod(t.shape)) if t.shape else 1
+        n = numel(t.shape)
         isz = _ITEMSIZE[dt]
-        contiguous = _contiguous_strides(t.shape) == t.stride or n <= 1
+        contiguous = contiguous_strides(t.shape) == t.stride or n <= 1
         if contiguous:
             raw = self._file.array(_NP[dt], start + t.offset * isz, n).reshape(t.shape)
         else:
             base = self._file.array(_NP[dt], start, t.storage.numel)
             raw = np.lib.stride_tricks.as_strided(
                 base[t.offset:], shape=t.shape, strides=tuple(s * isz for s in t.stride), writeable=False)
-        if dt == "BF16":
-            return bf16_to_f32(raw)
-        if dt in ("F16", "F64"):
-            return raw.astype(np.float32)
-        return raw
-
-    def release(self, name):
-        start, length = self._span[name]
-        self._file.drop(start, length)
-
-    def close(self):
-        self._file.close()
+        return as_float32(raw, dt)
 
 
-def _contiguous_strides(shape):
+def contiguous_strides(shape) -> tuple:
+    """Strides (in items) of a C-contiguous array of this shape, as torch records them."""
     strides, acc = [], 1
     for d in reversed(shape):
         strides.append(acc)

@@ -14,11 +14,14 @@ import numpy as np
 
 from rwkvcpu.errors import ModelFormatError
 
-from .base import OFFICIAL, MappedFile, Source, TensorInfo, bf16_to_f32
+from .base import OFFICIAL, MappedSource, TensorInfo, as_float32, numel
 
-_FLOAT = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+# safetensors dtype -> numpy dtype of its stored items (BF16: the raw 16-bit words)
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+          "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NUMPY.items()}
+_FLOAT = {k: _NUMPY[k] for k in ("F32", "F16", "BF16")}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -46,7 +49,7 @@ def read_header(mm, size, path) -> tuple:
     return header, meta, 8 + n
 
 
-class SafetensorsSource(Source):
+class SafetensorsSource(MappedSource):
     """One safetensors file; float tensors load as float32.
 
     Example:
@@ -57,19 +60,9 @@ class SafetensorsSource(Source):
     format = "safetensors"
     naming = OFFICIAL
 
-    def __init__(self, path):
-        super().__init__(path)
-        self._file = MappedFile(path)
-        try:
-            self._index()
-        except BaseException:
-            self._file.close()
-            raise
-
     def _index(self):
         f, p = self._file, self.path
         header, self.metadata, start = read_header(f.mm, f.size, p)
-        self._where = {}
         for name, e in header.items():
             try:
                 dt, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
@@ -77,39 +70,24 @@ class SafetensorsSource(Source):
                 raise ModelFormatError(f"{p}: corrupt safetensors entry for {name!r}") from None
             if dt not in _ITEMSIZE:
                 raise ModelFormatError(f"{p}: tensor {name!r} has unknown dtype {dt}")
-            n = int(np.prod(shape)) if shape else 1
+            n = numel(shape)
             if b - a != n * _ITEMSIZE[dt] or a < 0:
                 raise ModelFormatError(f"{p}: tensor {name!r} {shape} {dt} has inconsistent offsets")
             if start + b > f.size:
                 raise ModelFormatError(f"{p}: truncated in tensor {name!r}")
             self._infos[name] = TensorInfo(name, shape, dt, b - a)
-            self._where[name] = start + a
+            self._offsets[name] = start + a
         # Tensors in file order, as the other readers give them.
-        self._infos = dict(sorted(self._infos.items(), key=lambda kv: self._where[kv[0]]))
+        self._infos = dict(sorted(self._infos.items(), key=lambda kv: self._offsets[kv[0]]))
 
     def load(self, name):
         info = self.info(name)
         if info.dtype not in _FLOAT:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is {info.dtype}; expected a float tensor")
-        n = int(np.prod(info.shape)) if info.shape else 1
-        raw = self._file.array(_FLOAT[info.dtype], self._where[name], n).reshape(info.shape)
-        if info.dtype == "BF16":
-            return bf16_to_f32(raw)
-        if info.dtype == "F16":
-            return raw.astype(np.float32)
-        return raw
+        raw = self._file.array(_FLOAT[info.dtype], self._offsets[name], numel(info.shape)).reshape(info.shape)
+        return as_float32(raw, info.dtype)
 
     def load_raw(self, name) -> np.ndarray:
         """The stored array as is (any dtype), for `info` and tests."""
         info = self.info(name)
-        np_dt = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int8, "U8": np.uint8,
-                 "F64": np.float64, "I32": np.int32, "I64": np.int64, "I16": np.int16, "U16": np.uint16,
-                 "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}[info.dtype]
-        n = int(np.prod(info.shape)) if info.shape else 1
-        return self._file.array(np_dt, self._where[name], n).reshape(info.shape)
-
-    def release(self, name):
-        self._file.drop(self._where[name], self._infos[name].nbytes)
-
-    def close(self):
-        self._file.close()
+        return self._file.array(_NUMPY[info.dtype], self._offsets[name], numel(info.shape)).reshape(info.shape)
