@@ -20,8 +20,11 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
                    "(default: chosen by vocabulary size).")
 @click.option("--state", default=None, metavar="FILE",
               help="State-tuning file (blocks.N.att.time_state) to store as the initial state.")
+@click.option("--eos-token-id", "eos", default=None, metavar="ID",
+              help="End-of-text token to record, where generation stops (default: the tokenizer's "
+                   "own, 0 for World); -1 for none.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(src, dst, dtype, eps, tokenizer, state, quiet):
+def convert(src, dst, dtype, eps, tokenizer, state, eos, quiet):
     """Convert SRC (official .pth, rwkv.cpp .bin, Hugging Face folder) into DST,
     an rwkvcpu .safetensors file.
 
@@ -39,9 +42,14 @@ def convert(src, dst, dtype, eps, tokenizer, state, quiet):
             eps = float(eps)
         except ValueError:
             raise ConversionError(f"--eps {eps!r} is not a number (e.g. 64e-5)") from None
+    if eos is not None:
+        try:
+            eos = int(eos)
+        except ValueError:
+            raise ConversionError(f"--eos-token-id {eos!r} is not a token id (an integer, -1 for none)") from None
     t0 = time.perf_counter()
     meta = run_convert(src, dst, dtype=dtype, group_norm_eps=eps, tokenizer=tokenizer,
-                       progress=not quiet, state=state)
+                       progress=not quiet, state=state, eos_token_id=eos)
     if not quiet:
         import os
         size = os.path.getsize(dst)

@@ -12,10 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -120,7 +124,19 @@ def open_model(src, *, group_norm_eps=None, tokenizer="world", state=None):
     return source, config
 
 
-def _metadata(config: ModelConfig, dtype, source, tok_json, sha) -> dict:
+def check_eos_token_id(eos_token_id, vocab_size: int):
+    """The end-of-text id to record (None: the tokenizer's own; -1: none), checked against the vocabulary."""
+    if eos_token_id is None:
+        return None
+    if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int):
+        raise ConversionError(f"the end-of-text token id must be an integer (-1 for none), got {eos_token_id!r}")
+    if not -1 <= eos_token_id < vocab_size:
+        raise ConversionError(f"end-of-text token id {eos_token_id} is outside the model's vocabulary "
+                              f"(0 .. {vocab_size - 1}, or -1 for none)")
+    return eos_token_id
+
+
+def _metadata(config: ModelConfig, dtype, source, tok_json, eos_token_id) -> dict:
     meta = config.to_metadata()
     meta.update({
         "format": FORMAT_NAME,
@@ -128,34 +144,46 @@ def _metadata(config: ModelConfig, dtype, source, tok_json, sha) -> dict:
         "dtype": dtype,
         "quant_scheme": QUANT_SCHEMES[dtype] + QUANT_SCHEME_TAIL,
         "source_file": source.path.name,
-        "source_sha256": sha,
+        "source_sha256": sha256_of(source.files),
         "source_format": source.format,
     })
     if tok_json is not None:
         meta["tokenizer_json"] = tok_json
+    if eos_token_id is not None:
+        meta["eos_token_id"] = str(eos_token_id)
     if isinstance(source, WithState):
         meta["state_file"] = source.state.path.name
         meta["state_sha256"] = sha256_of(source.state.files)
     return meta
 
 
-def _prepare(src, dtype, group_norm_eps, tokenizer, state):
+class _Job(NamedTuple):
+    """An opened source and everything decided before any tensor is read."""
+    source: object       # the reader; the caller closes it
+    config: ModelConfig
+    planned: list        # canonical.Planned, in output order
+    metadata: dict       # str -> str, as written
+
+
+def _prepare(src, *, dtype, group_norm_eps, tokenizer, state, eos_token_id) -> _Job:
     formats.get_format(dtype)
     source, config = open_model(src, group_norm_eps=group_norm_eps, state=state)
     try:
         tok_name, tok_json = resolve_tokenizer(tokenizer, config.vocab_size)
+        eos = check_eos_token_id(eos_token_id, config.vocab_size)
         config = config.replace(tokenizer=tok_name)
         planned = canonical.plan(source, config, dtype)
+        return _Job(source, config, planned, _metadata(config, dtype, source, tok_json, eos))
     except BaseException:
         source.close()
         raise
-    return source, config, planned, tok_json
 
 
-def _stream(source, config, planned, progress):
+def _stream(job: _Job, progress):
     """Yield {full name: array} per canonical tensor, releasing source pages."""
-    for p in planned:
-        x = canonical.build(source, config, p)
+    source = job.source
+    for p in job.planned:
+        x = canonical.build(source, job.config, p)
         parts = canonical.store(p, x)
         del x
         yield parts
@@ -164,7 +192,8 @@ def _stream(source, config, planned, progress):
             progress(source.info(p.source).nbytes)
 
 
-def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, progress=None, state=None):
+def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, progress=None, state=None,
+                    eos_token_id=None):
     """Read a checkpoint into memory exactly as `convert` would write it.
 
     Args:
@@ -175,6 +204,7 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
             a tokenizer.json path to embed.
         progress: optional callable(n_bytes) called as source tensors are done.
         state: optional state-tuning file to merge as att.time_state.
+        eos_token_id: end-of-text token to record (-1: none; None: the tokenizer's own).
 
     Returns:
         (metadata: dict[str, str], tensors: dict[str, np.ndarray]) with the
@@ -185,17 +215,17 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
         >>> meta["generation"], t["blocks.0.att.log_decay"].shape
         ('v4', (128,))
     """
-    source, config, planned, tok_json = _prepare(path, dtype, group_norm_eps, tokenizer, state)
+    job = _prepare(path, dtype=dtype, group_norm_eps=group_norm_eps, tokenizer=tokenizer, state=state,
+                   eos_token_id=eos_token_id)
     try:
         tensors = {}
-        for parts in _stream(source, config, planned, progress):
+        for parts in _stream(job, progress):
             for name, arr in parts.items():
                 # Copy out of the source's memory map, which closes below.
                 tensors[name] = np.array(arr, copy=True)
-        meta = _metadata(config, dtype, source, tok_json, sha256_of(source.files))
     finally:
-        source.close()
-    return meta, tensors
+        job.source.close()
+    return job.metadata, tensors
 
 
 def _check_destination(src, dst) -> Path:
@@ -218,18 +248,22 @@ def _check_destination(src, dst) -> Path:
     return dst
 
 
-def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=True, state=None) -> dict:
+def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=True, state=None,
+            eos_token_id=None) -> dict:
     """Convert a checkpoint into an rwkvcpu safetensors file, streaming.
 
     Args:
         src: official .pth, rwkv.cpp .bin, .safetensors, or Hugging Face folder.
-        dst: output path; written atomically (temporary file + rename).
+        dst: output path; written atomically (temporary file + rename). An
+            error, Ctrl-C, SIGTERM or SIGHUP leaves nothing there (see
+            terminate_after_cleanup).
         dtype: "fp32", "fp16", "int8" or "int4".
         group_norm_eps: override of the ln_x epsilon (None: the source's own).
         tokenizer: None (by vocabulary size), a built-in name, or a tokenizer.json path.
         progress: True shows a progress bar on stderr for sources over 100 MB;
             a callable(n_bytes) receives progress instead; False/None shows nothing.
         state: optional state-tuning file merged as the initial state.
+        eos_token_id: end-of-text token to record (-1: none; None: the tokenizer's own).
 
     Returns:
         the metadata written.
@@ -238,29 +272,85 @@ def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=Tr
         >>> convert("tiny-rwkv-7v0-834K-FP32.bin", "tiny7-int8.safetensors", dtype="int8")["generation"]
         'v7'
     """
+    dst = _check_destination(src, dst)
+    with terminate_after_cleanup():
+        job = _prepare(src, dtype=dtype, group_norm_eps=group_norm_eps, tokenizer=tokenizer, state=state,
+                       eos_token_id=eos_token_id)
+        try:
+            _write(job, dst, progress)
+        finally:
+            job.source.close()
+    return job.metadata
+
+
+def _write(job: _Job, dst: Path, progress) -> None:
     from .writer import SafetensorsWriter
 
-    dst = _check_destination(src, dst)
-    source, config, planned, tok_json = _prepare(src, dtype, group_norm_eps, tokenizer, state)
+    specs = [(p.name + suffix, st_dtype, shape)
+             for p in job.planned for suffix, (st_dtype, shape) in p.parts.items()]
+    total = sum(job.source.info(p.source).nbytes for p in job.planned)
+    bar, callback = _progress(progress, total)
     try:
-        sha = sha256_of(source.files)
-        meta = _metadata(config, dtype, source, tok_json, sha)
-        specs = [(p.name + suffix, st_dtype, shape)
-                 for p in planned for suffix, (st_dtype, shape) in p.parts.items()]
-        total = sum(source.info(p.source).nbytes for p in planned)
-        bar, callback = _progress(progress, total)
-        try:
-            with SafetensorsWriter(dst, meta, specs) as w:
-                for parts in _stream(source, config, planned, callback):
-                    for name, arr in parts.items():
-                        w.write(name, arr)
-                w.commit()
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
+        with SafetensorsWriter(dst, job.metadata, specs) as w:
+            for parts in _stream(job, callback):
+                for name, arr in parts.items():
+                    w.write(name, arr)
+            w.commit()
     finally:
-        source.close()
-    return meta
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the temporary SIGTERM/SIGHUP handler: unwinds like Ctrl-C."""
+
+
+# Signals whose default action kills the process at once, running no clean-up.
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def terminate_after_cleanup():
+    """While the block runs, SIGTERM and SIGHUP unwind it like Ctrl-C, then end the process.
+
+    Their default action kills the process on the spot and would leave the
+    temporary output file behind. Here they raise an exception instead, so
+    the writer removes its temporary file and the source is closed; then the
+    default action is restored and the signal sent again, so the process
+    still ends as killed by that signal. Only signals left at their default
+    action are taken over, and only in the main thread (the only one that
+    may set handlers): a program with handlers of its own keeps them.
+
+    Example:
+        >>> with terminate_after_cleanup():
+        ...     convert_and_write()
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    running = [True]
+
+    def handler(signum, frame):
+        caught.append(signum)
+        # the first signal unwinds the block; later ones must not cut its clean-up short
+        if len(caught) == 1 and running[0]:
+            raise _Terminated
+
+    previous = {sig: signal.signal(sig, handler) for sig in _TERMINATING
+                if signal.getsignal(sig) is signal.SIG_DFL}
+    try:
+        yield
+    except _Terminated:
+        pass
+    finally:
+        running[0] = False
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if caught:
+        os.kill(os.getpid(), caught[0])
+        # Reached only if the signal is blocked: end as a shell reports a killed process.
+        raise SystemExit(128 + caught[0])
 
 
 def _progress(progress, total):

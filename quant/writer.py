@@ -104,11 +104,13 @@ class SafetensorsWriter:
         self._tmp = self.dst.parent / f".{self.dst.name}.{os.getpid()}.partial"
 
     def __enter__(self):
+        # One try around the open too: an interrupt arriving just after the
+        # file is created must still remove it.
         try:
-            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as e:
-            raise ConversionError(f"{self.dst}: cannot create the output ({e.strerror})") from None
-        try:
+            try:
+                self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as e:
+                raise ConversionError(f"{self.dst}: cannot create the output ({e.strerror})") from None
             self._reserve()
             self._pwrite(self._header, 0)
         except BaseException:
@@ -136,9 +138,12 @@ class SafetensorsWriter:
                     raise OSError(errno.EIO, "short write")
                 done += n
         except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise _no_space(self.dst, self.total) from None
-            raise ConversionError(f"{self.dst}: write failed ({e.strerror})") from None
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, e: OSError) -> ConversionError:
+        if e.errno in _NO_SPACE:
+            return _no_space(self.dst, self.total)
+        return ConversionError(f"{self.dst}: write failed ({e.strerror})")
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Write one tensor; its dtype and shape must match the header."""
@@ -163,9 +168,7 @@ class SafetensorsWriter:
         try:
             os.fsync(self._fd)
         except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise _no_space(self.dst, self.total) from None
-            raise ConversionError(f"{self.dst}: write failed ({e.strerror})") from None
+            raise self._write_failed(e) from None
         os.close(self._fd)
         self._fd = None
         try:
@@ -183,7 +186,8 @@ class SafetensorsWriter:
             self._fd = None
         try:
             os.unlink(self._tmp)
-        except FileNotFoundError:
+        except OSError:
+            # Not created (or already gone): nothing to remove.
             pass
 
     def __exit__(self, exc_type, exc, tb):

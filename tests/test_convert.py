@@ -152,3 +152,17 @@ def test_writer_leaves_nothing_when_not_committed(tmp_path):
         with pytest.raises(ConversionError, match="planned F32"):
             w.write("a", np.zeros(3, np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eos_token_id_is_recorded_and_read_by_the_tokenizer(tmp_path):
+    from rwkvcpu.tokenizers import load_tokenizer
+    path = tiny_model_path("v7", "FP16")
+    meta, _ = read_checkpoint(path, dtype="fp32")
+    assert "eos_token_id" not in meta and load_tokenizer(meta).eos_token_id is None   # bytes: none
+    for given, want in ((10, 10), (0, 0), (-1, None)):
+        meta = convert(path, tmp_path / "m.safetensors", dtype="fp32", eos_token_id=given, progress=False)
+        assert meta["eos_token_id"] == str(given)
+        assert load_tokenizer(_header(tmp_path / "m.safetensors")[0]["__metadata__"]).eos_token_id == want
+    for bad in (256, -2, "3", 1.5):
+        with pytest.raises(ConversionError, match="end-of-text token id"):
+            read_checkpoint(path, dtype="fp32", eos_token_id=bad)

@@ -4,15 +4,20 @@ exit code 2, no traceback, and nothing left at DST."""
 import errno
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import tiny_model_path
 from rwkvcpu.quant.official import random_official_state_dict, write_pth
+
+RWKVCPU = str(Path(sys.executable).parent / "rwkvcpu")
 
 
 def run_cli(args, capsys):
@@ -201,6 +206,64 @@ def test_ctrl_c_leaves_nothing(tmp_path, capsys, monkeypatch, small_pth):
     assert_nothing_at(dst)
 
 
+def test_sigterm_mid_conversion_leaves_nothing(tmp_path):
+    """A real `rwkvcpu convert` process, terminated while it writes, removes its partial file."""
+    from rwkvcpu.quant.official import iter_random_official
+    # Large enough (65536 x 256 embedding and head, 70 MB of bf16) that int4
+    # quantization runs for about half a second after the output file is created.
+    src = write_pth(tmp_path / "big.pth", iter_random_official("v7", 2, 256, 65536))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "big.safetensors"
+    p = subprocess.Popen([RWKVCPU, "convert", str(src), str(dst), "--dtype", "int4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out_dir.iterdir()) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert p.poll() is None, "the conversion ended before its output file appeared"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGTERM, (p.returncode, err)
+    assert "Traceback" not in err and "wrote" not in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_signal_handlers_are_restored_and_never_taken_from_the_program(tmp_path):
+    from rwkvcpu.quant.convert import convert
+    src = tiny_model_path("v4", "FP16")
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+    convert(src, tmp_path / "a.safetensors", dtype="int8", progress=False)
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before
+
+    seen = []
+
+    def own(signum, frame):
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        def terminated_mid_way(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_build(*a, **k)
+
+        import rwkvcpu.quant.canonical as canonical
+        real_build = canonical.build
+        canonical.build = terminated_mid_way
+        try:
+            convert(src, tmp_path / "b.safetensors", dtype="int8", progress=False)
+        finally:
+            canonical.build = real_build
+        # the program's own handler ran (each time) and the conversion went on
+        assert seen and signal.getsignal(signal.SIGTERM) is own
+        assert (tmp_path / "b.safetensors").is_file()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_foreign_models_refused_by_name(tmp_path, capsys):
     from safetensors.numpy import save_file
     z = np.zeros((4, 4), np.float32)
@@ -245,6 +308,14 @@ def test_rwkvcpu_file_as_source(tmp_path, capsys):
     code, _, err = run_cli(["convert", dst, tmp_path / "again.safetensors"], capsys)
     assert_one_line_error(code, err, "m.safetensors", "already an rwkvcpu model")
     assert_nothing_at(tmp_path / "again.safetensors")
+
+
+def test_bad_eos_token_id(tmp_path, capsys, small_pth):
+    for eos, frag in (("abc", "--eos-token-id 'abc' is not a token id"), ("256", "outside the model's vocabulary")):
+        dst = tmp_path / "o.safetensors"
+        code, _, err = run_cli(["convert", small_pth[0], dst, "--eos-token-id", eos], capsys)
+        assert_one_line_error(code, err, frag)
+        assert_nothing_at(dst)
 
 
 def test_bad_eps(tmp_path, capsys, small_pth):
