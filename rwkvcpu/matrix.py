@@ -1,13 +1,14 @@
 """Weight matrices as single objects (values + scales), and the products on them.
 
 A matrix is one immutable container per storage format (see quant/formats.py
-for the layouts). `matvec` (one token) and `matmul` (a block of tokens, one
-GEMM) pick the kernel in Python from the container's type (KERNELS), so
-compiled code never branches on the format.
+for the layouts). `matmul` (a block of T tokens; T = 1 when generating) picks
+the kernel in Python from the container's type (KERNELS), so compiled code
+never branches on the format.
 
-    matvec(m, x, out)            out = W @ x                 numba kernels (kernels/matvec.py)
-    matmul(m, X, out)            out = X @ W.T               dequantized tiles + BLAS, split over threads
-    dequantize_rows(m, r0, out)  out = W[r0:r0 + rows]       float32
+    matmul(m, X, out)            out = X @ W.T for T tokens   numba kernels (kernels/matvec.py), T = 1 too
+    matvec(m, x, out)            out = W @ x                  matmul of one token
+    gemm(m, X, out)              out = X @ W.T                dequantized tiles + BLAS, split over threads
+    dequantize_rows(m, r0, out)  out = W[r0:r0 + rows]        float32
     dequantize(m), nbytes(m), from_parts(fmt, parts), format_of(m)
 
 Example:
@@ -123,52 +124,66 @@ def nbytes(m) -> int:
 
 
 # Matrices whose values (not counting scales) are smaller than this run their
-# matvec on the calling thread: waking the thread team costs a few
+# kernel on the calling thread: waking the thread team costs a few
 # microseconds, as long as streaming ~100 KB.
 _PARALLEL_MIN_BYTES = 1 << 17
 
+# fp32/fp16 matrices at least this large take BLAS for a block of tokens (a
+# dequantized tile at a time); smaller ones, like the low-rank matrices, and
+# every int8/int4 matrix use the engine's own kernels on both paths.
+_BLAS_MIN_BYTES = 1 << 20
 
-class _ActivationScratch(threading.local):
-    """Per calling thread: the int16 activations of the quantized kernels, by input width
-    (one dict per format: int8 and int4 groups differ)."""
+# Entries kept per activation table (prompts of many lengths: keep it bounded).
+_MAX_ACTIVATION_SHAPES = 64
+
+
+class _Scratch(threading.local):
+    """Per calling thread: the int16 activations of the quantized kernels by (tokens,
+    input width), one table per format (int8 and int4 groups differ); the float32
+    tile a GEMM worker dequantizes into; the BLAS path's partial sums."""
 
     def __init__(self):
         self.int8 = {}
         self.int4 = {}
+        self.tile = np.empty(0, np.float32)
+        self.partial = np.empty(0, np.float32)
+
+    def activations(self, table: dict, T: int, k: int, group: int):
+        bufs = table.get((T, k))
+        if bufs is None:
+            if len(table) >= _MAX_ACTIVATION_SHAPES:
+                table.clear()
+            bufs = table[T, k] = (np.empty((T, k), np.int16), np.empty((T, k // group), np.float32),
+                                  np.empty((T, k // group), np.float32))
+        return bufs
+
+    def floats(self, name: str, rows: int, cols: int) -> np.ndarray:
+        buf = getattr(self, name)
+        if buf.size < rows * cols:
+            buf = np.empty(rows * cols, np.float32)
+            setattr(self, name, buf)
+        return buf[:rows * cols].reshape(rows, cols)
 
 
-def _new_activations(table, m: int, group: int):
-    table[m] = bufs = (np.empty(m, np.int16), np.empty(m // group, np.float32), np.empty(m // group, np.float32))
-    return bufs
+_scratch = _Scratch()
 
 
-_scratch = _ActivationScratch()
+def _matmul_f32(m, X, out, accumulate, parallel):
+    (K.matmul_f32 if parallel else K.matmul_f32_serial)(m.w, X, out, accumulate)
 
 
-def _matvec_f32(m, x, out, parallel):
-    (K.matvec_f32 if parallel else K.matvec_f32_serial)(m.w, x, out)
+def _matmul_f16(m, X, out, accumulate, parallel):
+    (K.matmul_f16 if parallel else K.matmul_f16_serial)(m.w, X, out, accumulate)
 
 
-def _matvec_f16(m, x, out, parallel):
-    (K.matvec_f16 if parallel else K.matvec_f16_serial)(m.w, x, out)
+def _matmul_i8(m, X, out, accumulate, parallel):
+    xq, xs, xsum = _scratch.activations(_scratch.int8, X.shape[0], X.shape[1], 64)
+    (K.matmul_i8 if parallel else K.matmul_i8_serial)(m.q, m.scale, X, xq, xs, xsum, out, accumulate)
 
 
-def _matvec_i8(m, x, out, parallel):
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    table = _scratch.int8
-    n = x.shape[0]
-    xq, xs, xsum = table.get(n) or _new_activations(table, n, 64)
-    (K.matvec_i8 if parallel else K.matvec_i8_serial)(m.q, m.scale, x, xq, xs, xsum, out)
-
-
-def _matvec_i4(m, x, out, parallel):
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    table = _scratch.int4
-    n = x.shape[0]
-    xq, xs, xsum = table.get(n) or _new_activations(table, n, 32)
-    (K.matvec_i4 if parallel else K.matvec_i4_serial)(m.q, m.scale, m.min, x, xq, xs, xsum, out)
+def _matmul_i4(m, X, out, accumulate, parallel):
+    xq, xs, xsum = _scratch.activations(_scratch.int4, X.shape[0], X.shape[1], 32)
+    (K.matmul_i4 if parallel else K.matmul_i4_serial)(m.q, m.scale, m.min, X, xq, xs, xsum, out, accumulate)
 
 
 def _dequantize_f32(m, r0, out, parallel):
@@ -187,22 +202,59 @@ def _dequantize_i4(m, r0, out, parallel):
     (K.dequantize_rows_i4 if parallel else K.dequantize_rows_i4_serial)(m.q, m.scale, m.min, r0, out)
 
 
-# The one place that maps a storage format to its kernels:
-# container type -> (matvec, dequantize_rows), each taking (m, ..., parallel).
+class Kernels(NamedTuple):
+    matmul: object              # (m, X, out, accumulate, parallel): the engine's own kernel
+    dequantize_rows: object     # (m, r0, out, parallel)
+    blas: bool                  # large matrices take BLAS for several tokens
+
+
+# The one place that maps a storage format to its kernels.
 KERNELS = {
-    F32Matrix: (_matvec_f32, _dequantize_f32),
-    F16Matrix: (_matvec_f16, _dequantize_f16),
-    Int8Matrix: (_matvec_i8, _dequantize_i8),
-    Int4Matrix: (_matvec_i4, _dequantize_i4),
+    F32Matrix: Kernels(_matmul_f32, _dequantize_f32, True),
+    F16Matrix: Kernels(_matmul_f16, _dequantize_f16, True),
+    Int8Matrix: Kernels(_matmul_i8, _dequantize_i8, False),
+    Int4Matrix: Kernels(_matmul_i4, _dequantize_i4, False),
 }
 
 
-def matvec(m, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = W @ x.
+def matmul(m, X: np.ndarray, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
+    """out = X @ W.T (or out += X @ W.T) for a block of T tokens; T = 1 is a matrix-vector product.
+
+    Every int8/int4 matrix, and fp32/fp16 matrices under 1 MB, use the engine's
+    kernel for its format (kernels/matvec.py) whatever T is, so one token at a
+    time and a block of tokens give the same numbers to the bit. (int8/int4
+    kernels round each row of X to int16 per weight group first.) Larger
+    fp32/fp16 matrices take one BLAS GEMM for T > 1 (`gemm`), which sums in
+    another order: the two paths then differ by float32 rounding.
 
     Args:
         m: a matrix container (F32Matrix, F16Matrix, Int8Matrix, Int4Matrix) of shape (n, k).
-        x: (k,) float32.
+        X: (T, k) float32, C-contiguous.
+        out: (T, n) float32, C-contiguous, written (or added to).
+        accumulate: add the product to out instead of storing it.
+
+    Returns:
+        out.
+
+    Example:
+        >>> out = matmul(m, X, np.empty((X.shape[0], m.shape[0]), np.float32))
+    """
+    kern = KERNELS[type(m)]
+    size = m[0].nbytes
+    if kern.blas and X.shape[0] > 1 and size >= _BLAS_MIN_BYTES:
+        return gemm(m, X, out, accumulate)
+    # Serial and parallel variants give the same bits (tests/test_kernels_matvec.py),
+    # so the choice follows the amount of work only.
+    kern.matmul(m, X, out, accumulate, X.shape[0] * size >= _PARALLEL_MIN_BYTES)
+    return out
+
+
+def matvec(m, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = W @ x: matmul for one token.
+
+    Args:
+        m: a matrix container of shape (n, k).
+        x: (k,) float32, C-contiguous.
         out: (n,) float32, C-contiguous, written.
 
     Returns:
@@ -211,7 +263,7 @@ def matvec(m, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     Example:
         >>> out = matvec(m, x, np.empty(m.shape[0], np.float32))
     """
-    KERNELS[type(m)][0](m, x, out, m[0].nbytes >= _PARALLEL_MIN_BYTES)
+    matmul(m, x.reshape(1, -1), out.reshape(1, -1))
     return out
 
 
@@ -226,7 +278,7 @@ def dequantize_rows(m, r0: int, out: np.ndarray) -> np.ndarray:
     Returns:
         out.
     """
-    KERNELS[type(m)][1](m, r0, out, out.nbytes >= _PARALLEL_MIN_BYTES)
+    KERNELS[type(m)].dequantize_rows(m, r0, out, out.nbytes >= _PARALLEL_MIN_BYTES)
     return out
 
 
@@ -240,22 +292,9 @@ def dequantize(m) -> np.ndarray:
 # so the tile stays in the core's L2 cache while BLAS reads it T times.
 _TILE_BYTES = 1 << 20
 
-
-class _TileScratch(threading.local):
-    """Per thread: the float32 tile one GEMM worker dequantizes into."""
-
-    def __init__(self):
-        self.buf = np.empty(0, np.float32)
-
-    def get(self, rows: int, k: int) -> np.ndarray:
-        if self.buf.size < rows * k:
-            self.buf = np.empty(rows * k, np.float32)
-        return self.buf[:rows * k].reshape(rows, k)
-
-
-_tiles = _TileScratch()
-
+# Below ~4M multiply-adds (0.1 ms) a second thread costs more than it saves.
 _SPLIT_MIN_MACS = 1 << 22
+
 
 def _gemm_rows(m, X, out, r0, r1):
     """out[:, r0:r1] = X @ W[r0:r1].T, dequantizing a tile of rows at a time."""
@@ -264,8 +303,8 @@ def _gemm_rows(m, X, out, r0, r1):
         return
     k = m.shape[1]
     step = max(8, _TILE_BYTES // (4 * k))
-    tile = _tiles.get(min(step, r1 - r0), k)
-    dequantize = KERNELS[type(m)][1]
+    tile = _scratch.floats("tile", min(step, r1 - r0), k)
+    dequantize = KERNELS[type(m)].dequantize_rows
     for t0 in range(r0, r1, step):
         rows = min(step, r1 - t0)
         # Serial: each GEMM worker dequantizes its own tiles (nogil kernels).
@@ -273,25 +312,29 @@ def _gemm_rows(m, X, out, r0, r1):
         np.matmul(X, tile[:rows].T, out=out[:, t0:t0 + rows])
 
 
-def matmul(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = X @ W.T for T tokens at once: one GEMM per matrix.
+def gemm(m, X: np.ndarray, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
+    """out = X @ W.T (or out += X @ W.T) with BLAS: one GEMM per matrix.
 
     The output columns (rows of W) are split into one contiguous block per
     thread (rwkvcpu.threads.gemm_threads()); each thread dequantizes its block
     a tile at a time into float32 and multiplies it with BLAS on that thread.
+    For any format; `matmul` uses it for large fp32/fp16 matrices.
 
     Args:
         m: a matrix container of shape (n, k).
         X: (T, k) float32.
-        out: (T, n) float32, written.
+        out: (T, n) float32, written (or added to).
+        accumulate: add the product to out instead of storing it.
 
     Returns:
         out.
     """
     n, k = m.shape
-    # Below ~4M multiply-adds (0.1 ms) a second thread costs more than it saves.
+    dest = _scratch.floats("partial", X.shape[0], n) if accumulate else out
     parts = 1 if X.shape[0] * n * k < _SPLIT_MIN_MACS else max(1, min(threads.gemm_threads(), n // 16))
     # Block edges on multiples of 16 rows keep each block's columns aligned.
     edges = [min(n, (n * p // parts + 15) // 16 * 16) for p in range(parts)] + [n]
-    threads.parallel_for(lambda p: _gemm_rows(m, X, out, edges[p], edges[p + 1]), parts)
+    threads.parallel_for(lambda p: _gemm_rows(m, X, dest, edges[p], edges[p + 1]), parts)
+    if accumulate:
+        out += dest
     return out

@@ -16,10 +16,14 @@ GENERATIONS = ("v4", "v5.0", "v5.1", "v5.2", "v6", "v7")
 DTYPES = ("fp32", "fp16", "int8", "int4")
 N_TOKENS = 40
 
-# The quantized matrix-vector kernels round the activations to int16 per weight
-# group (rwkvcpu/kernels/matvec.py); the sequence path multiplies by dequantized
-# weights in float32. Measured on these models: up to 2.3e-3.
-ACTIVATION_ROUNDING = {"int8": 1e-2, "int4": 1e-2}
+# The int8/int4 kernels round the activations to int16 per weight group
+# (rwkvcpu/kernels/matvec.py), on both paths; the reference multiplies by the
+# dequantized weights in float64. A rounding step is max|x over the group| / 32767,
+# so float differences of ~1e-6 between the two flip some roundings and the logits
+# differ by more than float rounding alone would make them. Measured on these
+# models: up to 1.2e-3 (v7 int4) on either path; emulating the rounding in the
+# reference does not bring it closer (the flips remain).
+ACTIVATION_ROUNDING = {"int8": 5e-3, "int4": 5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +55,19 @@ def one_by_one(model, tokens, state=None):
 def test_matches_numpy_reference(models, gen, dtype):
     model, stored, config, tokens = models[gen, dtype]
     ref = reference_logits(config, stored, tokens)
+    tolerance = ACTIVATION_ROUNDING.get(dtype, 1e-4)
     seq, _ = model.forward(tokens, all_logits=True)
-    assert np.abs(seq - ref).max() <= 1e-4
+    assert np.abs(seq - ref).max() <= tolerance
     one, _ = one_by_one(model, tokens)
-    assert np.abs(one - ref).max() <= ACTIVATION_ROUNDING.get(dtype, 1e-4)
-
-
-def _paths_xfail(dtype):
-    if dtype in ACTIVATION_ROUNDING:
-        return [pytest.mark.xfail(strict=False, reason=(
-            "int8/int4 matvec rounds activations to int16, the GEMM path does not "
-            "(kernel issue 5): the paths differ by ~1e-3"))]
-    return []
+    assert np.abs(one - ref).max() <= tolerance
 
 
 @pytest.mark.parametrize("gen", GENERATIONS)
-@pytest.mark.parametrize("dtype", [pytest.param(d, marks=_paths_xfail(d)) for d in DTYPES])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_one_token_path_equals_sequence_path(models, gen, dtype):
+    """Within 1e-5 (issue 3). These models' matrices are all under 1 MB, so both paths run the
+    same kernels (rwkvcpu/matrix.py: matmul) and agree to the bit; larger fp32/fp16 matrices take
+    BLAS on the sequence path and differ by float32 rounding (test_blas_sequence_path)."""
     model, _, _, tokens = models[gen, dtype]
     one, s1 = one_by_one(model, tokens)
     seq, s2 = model.forward(tokens, all_logits=True)
@@ -75,6 +75,7 @@ def test_one_token_path_equals_sequence_path(models, gen, dtype):
     assert np.abs(seq - one).max() <= 1e-5
     assert np.abs(last - one[-1]).max() <= 1e-5
     assert np.abs(s1.data - s2.data).max() <= 1e-5
+    assert np.abs(s1.data - s3.data).max() <= 1e-5
 
 
 @pytest.mark.parametrize("gen", GENERATIONS)
@@ -88,3 +89,15 @@ def test_prompt_blocks_and_continuation(models, gen, monkeypatch):
     _, state = model.forward(tokens[:13])
     rest, _ = model.forward(tokens[13:], state, all_logits=True)
     assert np.abs(rest - whole[13:]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("gen", GENERATIONS)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_blas_sequence_path(models, gen, dtype, monkeypatch):
+    """fp32/fp16 matrices of 1 MB and more take BLAS for a block of tokens: still within 1e-5."""
+    from rwkvcpu import matrix
+    monkeypatch.setattr(matrix, "_BLAS_MIN_BYTES", 0)
+    model, _, _, tokens = models[gen, dtype]
+    one, _ = one_by_one(model, tokens)
+    seq, _ = model.forward(tokens, all_logits=True)
+    assert np.abs(seq - one).max() <= 1e-5

@@ -1,4 +1,4 @@
-"""The matrix kernels against quant/formats.py (the ground truth of each format) and numpy.
+"""The matrix kernels against quant/formats.py (the ground truth of each format), numpy, and each other.
 
 Every test draws fresh random inputs; the seed is in the failure message.
 Shapes are deliberately odd: row counts that split unevenly between threads,
@@ -64,25 +64,49 @@ def test_matvec_matches_dequantized_product(fmt, shape):
     assert np.all(err <= bound), f"seed {seed}: worst excess {np.max(err / bound):.3g}x the bound"
 
 
-@pytest.mark.parametrize("fmt", ("fp32", "fp16", "int8", "int4"))
-def test_serial_and_parallel_kernels_agree(fmt):
-    """The same kernel code runs on one thread for small matrices and on all for big ones."""
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_serial_and_parallel_kernels_agree_to_the_bit(fmt, T):
+    """The same kernel code runs on one thread for small products and on all for big ones;
+    matrix.matmul picks by the amount of work, which must not change a single bit."""
     rng, seed = _rng()
     w = rng.standard_normal((301, 64 * 11)).astype(np.float32)
     m, _ = _matrix(fmt, w)
-    x = _x(rng, w.shape[1])
-    a = np.empty(301, np.float32)
-    b = np.empty(301, np.float32)
-    name = {"fp32": "f32", "fp16": "f16", "int8": "i8", "int4": "i4"}[fmt]
-    args = tuple(m)
-    if fmt in ("int8", "int4"):
-        ng = m.scale.shape[1]
-        args += (x, np.empty(w.shape[1], np.int16), np.empty(ng, np.float32), np.empty(ng, np.float32))
-    else:
-        args += (x,)
-    getattr(K, f"matvec_{name}")(*args, a)
-    getattr(K, f"matvec_{name}_serial")(*args, b)
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
+    X = np.stack([_x(rng, w.shape[1]) for _ in range(T)])
+    a = np.empty((T, 301), np.float32)
+    b = np.empty((T, 301), np.float32)
+    M.KERNELS[type(m)].matmul(m, X, a, False, True)
+    M.KERNELS[type(m)].matmul(m, X, b, False, False)
+    np.testing.assert_array_equal(a, b, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_one_token_equals_its_row_of_a_block(fmt):
+    """What makes the engine's two paths agree: row t of a T-token product is, to the bit,
+    the product of token t alone (int8/int4: each row is rounded to int16 on its own)."""
+    rng, seed = _rng()
+    w = rng.standard_normal((257, 64 * 9)).astype(np.float32)
+    m, _ = _matrix(fmt, w)
+    X = np.stack([_x(rng, w.shape[1]) for _ in range(7)])
+    block = M.matmul(m, X, np.empty((7, 257), np.float32))
+    for t in range(7):
+        one = M.matvec(m, X[t], np.empty(257, np.float32))
+        np.testing.assert_array_equal(one, block[t], err_msg=f"seed {seed}, token {t}")
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_accumulate_adds_to_out(fmt):
+    rng, seed = _rng()
+    w = rng.standard_normal((40, 128)).astype(np.float32)
+    m, _ = _matrix(fmt, w)
+    X = rng.standard_normal((3, 128)).astype(np.float32)
+    base = rng.standard_normal((3, 40)).astype(np.float32)
+    product = M.matmul(m, X, np.empty((3, 40), np.float32))
+    out = M.matmul(m, X, base.copy(), accumulate=True)
+    np.testing.assert_allclose(out, base + product, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
+    if fmt in ("fp32", "fp16"):
+        blas = M.gemm(m, X, base.copy(), accumulate=True)
+        np.testing.assert_allclose(blas, base + product, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
 
 
 @pytest.mark.parametrize("fmt", ("int8", "int4"))
@@ -154,12 +178,16 @@ def test_matmul_matches_dequantized_gemm(fmt, T, n, k):
     rng, seed = _rng()
     w = rng.standard_normal((n, k)).astype(np.float32)
     m, wd = _matrix(fmt, w)
-    X = rng.standard_normal((T, k)).astype(np.float32)
-    out = np.full((T, n), np.nan, np.float32)
-    assert M.matmul(m, X, out) is out
-    ref = X.astype(np.float64) @ wd.T
-    bound = 1e-5 * (np.abs(X.astype(np.float64)) @ np.abs(wd).T)
-    assert np.all(np.abs(out - ref) <= bound), f"seed {seed}"
+    X = np.stack([_x(rng, k) for _ in range(T)])
+    for product in (M.matmul, M.gemm):
+        out = np.full((T, n), np.nan, np.float32)
+        assert product(m, X, out) is out
+        for t in range(T):
+            x = X[t].astype(np.float64)
+            # int8/int4 matmul rounds activations to int16; gemm multiplies the float32 ones
+            bound = _activation_bound(fmt if product is M.matmul else "fp32", wd, x)
+            err = np.abs(out[t] - wd @ x)
+            assert np.all(err <= bound), f"seed {seed}, {product.__name__}, token {t}"
 
 
 def test_from_parts_rejects_mismatched_scales():

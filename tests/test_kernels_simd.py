@@ -31,18 +31,18 @@ def _vector_ops(asm):
 def _int8_args():
     q = np.zeros((4, 512), np.int8)
     s = np.zeros((4, 8), np.uint16)
-    return q, s, np.ones(512, np.float32), np.zeros(512, np.int16), np.zeros(8, np.float32), \
-        np.zeros(8, np.float32), np.zeros(4, np.float32)
+    return q, s, np.ones((1, 512), np.float32), np.zeros((1, 512), np.int16), np.zeros((1, 8), np.float32), \
+        np.zeros((1, 8), np.float32), np.zeros((1, 4), np.float32), False
 
 
 def _int4_args():
     q = np.zeros((4, 256), np.uint8)
     s = np.zeros((4, 16), np.uint16)
-    return q, s, s, np.ones(512, np.float32), np.zeros(512, np.int16), np.zeros(16, np.float32), \
-        np.zeros(16, np.float32), np.zeros(4, np.float32)
+    return q, s, s, np.ones((1, 512), np.float32), np.zeros((1, 512), np.int16), np.zeros((1, 16), np.float32), \
+        np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32), False
 
 
-@pytest.mark.parametrize("kernel,args", [(K.matvec_i8_serial, _int8_args), (K.matvec_i4_serial, _int4_args)])
+@pytest.mark.parametrize("kernel,args", [(K.matmul_i8_serial, _int8_args), (K.matmul_i4_serial, _int4_args)])
 def test_quantized_matvec_uses_integer_multiply_add(kernel, args):
     ops = _vector_ops(_asm(kernel, *args()))
     # int16 pair multiply-add (AVX2 vpmaddwd; AVX-512/AVX-VNNI fuse it with the add: vpdpwssd)
@@ -63,9 +63,9 @@ _AVX2_CHECK = """
 import re, numpy as np, numba
 from rwkvcpu.kernels import matvec as K
 q = np.zeros((4, 256), np.uint8); s = np.zeros((4, 16), np.uint16)
-f = numba.njit(fastmath=True)(K._matvec_i4)
-f(q, s, s, np.ones(512, np.float32), np.zeros(512, np.int16), np.zeros(16, np.float32), np.zeros(16, np.float32),
-  np.zeros(4, np.float32))
+f = numba.njit(fastmath=True)(K._matmul_i4)
+f(q, s, s, np.ones((1, 512), np.float32), np.zeros((1, 512), np.int16), np.zeros((1, 16), np.float32),
+  np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32), False)
 print(f.inspect_asm(f.signatures[0]))
 """
 

@@ -64,29 +64,33 @@ def test_parallel_for_reraises(restore_threads):
         threads.parallel_for(task, 2)
 
 
-@pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("fmt", ("fp32", "int8", "int4"))
-def test_matmul_same_result_on_any_thread_count(restore_threads, n_threads, fmt):
-    """A GEMM big enough to be split between threads gives the dequantized product."""
+def test_matmul_same_result_on_any_thread_count(restore_threads, fmt):
+    """The engine's kernels give the same bits on 1 and 2 threads; BLAS GEMMs split between
+    threads give the dequantized product."""
     rng = np.random.default_rng()
     w = rng.standard_normal((700, 512)).astype(np.float32)
     parts = FORMATS[fmt].quantize(w)
     m = M.from_parts(fmt, parts)
     X = rng.standard_normal((32, 512)).astype(np.float32)
-    threads.configure(n_threads)
-    out = M.matmul(m, X, np.empty((32, 700), np.float32))
     ref = X.astype(np.float64) @ FORMATS[fmt].dequantize(parts).T.astype(np.float64)
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    results = []
+    for n_threads in (1, 2):
+        threads.configure(n_threads)
+        results.append(M.matmul(m, X, np.empty((32, 700), np.float32)))
+        out = M.gemm(m, X, np.empty((32, 700), np.float32))
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(results[0], results[1])
 
 
 _CACHE_CHECK = """
 import numpy as np
 from numba.np.ufunc import parallel
 from rwkvcpu.kernels import matvec as K
-w = np.ones((64, 64), np.float32); x = np.ones(64, np.float32); out = np.empty(64, np.float32)
-K.matvec_f32_serial(w, x, out)     # compiled and written to the (empty) cache first
+w = np.ones((64, 64), np.float32); x = np.ones((1, 64), np.float32); out = np.empty((1, 64), np.float32)
+K.matmul_f32_serial(w, x, out, False)   # compiled and written to the (empty) cache first
 assert not parallel._is_initialized
-K.matvec_f32(w, x, out)            # must not load the serial variant's machine code
+K.matmul_f32(w, x, out, False)          # must not load the serial variant's machine code
 print(parallel._is_initialized)
 """
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import LAYER_NORM_EPS
 from ..kernels.norms import layer_norm
 from ..kernels.ops import add_product_, mix, relu_square_, sigmoid_, token_shift
-from ..matrix import dequantize_rows, from_parts, matmul, matvec
+from ..matrix import dequantize_rows, from_parts, matmul
 
 
 class Norm(NamedTuple):
@@ -126,16 +126,8 @@ class Scratch:
 
 
 def mm(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = X @ W.T for a block of tokens.   X: (T, in) f32, out: (T, out) f32
-
-    The only difference between the two paths: one token is a matrix-vector
-    product (parallel over output rows), several are one GEMM.
-    """
-    if X.shape[0] == 1:
-        matvec(m, X[0], out[0])
-    else:
-        matmul(m, X, out)
-    return out
+    """out = X @ W.T for a block of tokens.   X: (T, in) f32, out: (T, out) f32"""
+    return matmul(m, X, out)
 
 
 def load_weights(gen, config, t: Tensors) -> Weights:

@@ -72,9 +72,12 @@ def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
     mix(xn, dx, att.maa_x, xx)
     hidden = mm(att.maa_w1, xx[0], ws.get("lora_h", (T, n_mix * E)))
     tanh_(hidden)
+    # One contiguous (T, E) block per mix: the products see the same array layout for any T.
+    hidden_j = ws.get("lora_hj", (n_mix, T, E))
+    np.copyto(hidden_j, hidden.reshape(T, n_mix, E).transpose(1, 0, 2))
     delta = ws.get("delta", (n_mix, T, D))
     for j in range(n_mix):
-        mm(att.maa_w2[j], hidden[:, j * E:(j + 1) * E], delta[j])
+        mm(att.maa_w2[j], hidden_j[j], delta[j])
     xm = ws.get("xm", (n_mix, T, D))
     mix_dynamic(xn, dx, att.maa, delta, xm)
     xw, xk, xv, xr, xg = xm

@@ -1,15 +1,21 @@
-"""Matrix-vector kernels, one per storage format: out = W @ x.
+"""Matrix products, one kernel per storage format: out[t] = W @ X[t] for a block of T tokens.
 
 W is (n, m) = (out, in) in the layouts of quant/formats.py; fp16 data (values,
-scales, mins) arrive as uint16 bit patterns. Kernels write into `out` and the
-scratch arrays passed in; none allocates.
+scales, mins) arrive as uint16 bit patterns. Kernels write into `out` (or add to
+it, with `accumulate`) and the scratch arrays passed in; none allocates.
 
-Each kernel exists twice: `matvec_*` runs in parallel over output rows (numba's
-static schedule: each thread streams one contiguous run of rows), and
-`matvec_*_serial` is the same code on the calling thread, for matrices so small
-that starting the thread team costs more than it saves.
+One kernel serves both paths of the engine: a generated token is T = 1 (a
+matrix-vector product), a prompt block is T > 1. The same machine code computes
+each (row, token) dot product in the same order, so the two paths give the same
+numbers to the bit. For fp32 and fp16 matrices of some size the engine's prompt
+path uses BLAS instead (rwkvcpu/matrix.py), which sums in another order.
 
-The quantized kernels first quantize x to int16 with one float scale per weight
+Each kernel exists twice: `matmul_*` runs in parallel over blocks of output
+rows (numba's static schedule: each thread streams one contiguous run of
+rows), and `matmul_*_serial` is the same code on the calling thread, for
+matrices so small that starting the thread team costs more than it saves.
+
+The quantized kernels first quantize each row of X to int16 with one float scale per weight
 group (`quantize_activations`), so each group's dot product is exact integer
 arithmetic (pmaddwd / vpdpwssd) and only one int-to-float conversion and one
 FMA per group remain. The int16 rounding moves each x[j] by at most
@@ -80,70 +86,99 @@ def quantize_activations(x, paired, xq, xs, xsum):
                 qg[g, j] = np.int16(np.rint(xg[g, j] * inv)) if not special else np.int16(0)
 
 
-def _matvec_f32(w, x, out):
-    """out[i] = sum_j w[i, j] x[j].   w: (n, m) f32, x: (m,) f32, out: (n,) f32"""
+
+# Output rows per unit of parallel work. A block's rows are taken token by token:
+# for T tokens each row is read from memory once and from the caches T times,
+# and one token's activations stay in L1 across the block.
+ROWS = 16
+
+
+def _matmul_f32(w, X, out, accumulate):
+    """out[t, i] (+)= sum_j w[i, j] X[t, j]
+    w: (n, m) f32, X: (T, m) f32, out: (T, n) f32, accumulate: bool (add to out instead of storing)"""
     n, m = w.shape
-    for i in prange(n):
-        acc = np.float32(0.0)
-        for j in range(m):
-            acc += w[i, j] * x[j]
-        out[i] = acc
+    T = X.shape[0]
+    for b in prange((n + ROWS - 1) // ROWS):
+        for t in range(T):
+            for i in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                acc = np.float32(0.0)
+                for j in range(m):
+                    acc += w[i, j] * X[t, j]
+                out[t, i] = out[t, i] + acc if accumulate else acc
 
 
-def _matvec_f16(w, x, out):
-    """out[i] = sum_j f32(w[i, j]) x[j].   w: (n, m) u16 (fp16 bits), x: (m,) f32, out: (n,) f32"""
+def _matmul_f16(w, X, out, accumulate):
+    """out[t, i] (+)= sum_j f32(w[i, j]) X[t, j]
+    w: (n, m) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32, accumulate: bool"""
     n, m = w.shape
-    for i in prange(n):
-        acc = np.float32(0.0)
-        for j in range(m):
-            acc += f16_to_f32(w[i, j]) * x[j]
-        out[i] = acc
+    T = X.shape[0]
+    for b in prange((n + ROWS - 1) // ROWS):
+        for t in range(T):
+            for i in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                acc = np.float32(0.0)
+                for j in range(m):
+                    acc += f16_to_f32(w[i, j]) * X[t, j]
+                out[t, i] = out[t, i] + acc if accumulate else acc
 
 
-def _matvec_i8(q, scale, x, xq, xs, xsum, out):
-    """out[i] = sum_g scale[i, g] xs[g] sum_{j in g} q[i, j] xq[j]   (groups of 64)
-    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), x: (m,) f32, out: (n,) f32;
-    scratch: xq: (m,) i16, xs, xsum: (m/64,) f32 (see quantize_activations)."""
-    quantize_activations(x, 0, xq, xs, xsum)
+def _matmul_i8(q, scale, X, xq, xs, xsum, out, accumulate):
+    """out[t, i] (+)= sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j]   (groups of 64)
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32, accumulate: bool;
+    scratch: xq: (T, m) i16, xs, xsum: (T, m/64) f32 (X's rows quantized, see quantize_activations)."""
+    T = X.shape[0]
+    for t in range(T):
+        quantize_activations(X[t], 0, xq[t], xs[t], xsum[t])
     n, m = q.shape
     ng = scale.shape[1]
     full = ng // 8 * 8
-    for i in prange(n):
-        acc = f32x8_zero()
-        for g in range(0, full, 8):
-            c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, g))
-            acc = dot_groups8(acc, q, i * m + 64 * g, xq, 64 * g, c)
-        for g in range(full, ng):
-            acc = dot_group(acc, q, i * m + 64 * g, xq, 64 * g, f16_to_f32(scale[i, g]) * xs[g])
-        out[i] = f32x8_sum(acc)
+    for b in prange((n + ROWS - 1) // ROWS):
+        for t in range(T):
+            for i in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                acc = f32x8_zero()
+                for g in range(0, full, 8):
+                    c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, t * ng + g))
+                    acc = dot_groups8(acc, q, i * m + 64 * g, xq, t * m + 64 * g, c)
+                for g in range(full, ng):
+                    acc = dot_group(acc, q, i * m + 64 * g, xq, t * m + 64 * g,
+                                    f16_to_f32(scale[i, g]) * xs[t, g])
+                v = f32x8_sum(acc)
+                out[t, i] = out[t, i] + v if accumulate else v
 
 
-def _matvec_i4(q, scale, minimum, x, xq, xs, xsum, out):
-    """out[i] = sum_g scale[i, g] xs[g] sum_{j in g} q[i, j] xq[j] + min[i, g] xsum[g]   (groups of 32)
+def _matmul_i4(q, scale, minimum, X, xq, xs, xsum, out, accumulate):
+    """out[t, i] (+)= sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j] + min[i, g] xsum[t, g]
+    (groups of 32)
     q: (n, m/2) u8 (byte b of a group: weight b in the low nibble, b + 16 in the high),
-    scale, minimum: (n, m/32) u16 (fp16 bits), x: (m,) f32, out: (n,) f32;
-    scratch: xq: (m,) i16, xs, xsum: (m/32,) f32 (see quantize_activations; the groups of
+    scale, minimum: (n, m/32) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32, accumulate: bool;
+    scratch: xq: (T, m) i16, xs, xsum: (T, m/32) f32 (see quantize_activations; the groups of
     complete blocks of 8 take xq in pair order, the rest in natural order)."""
     n, half = q.shape
+    m = 2 * half
     ng = scale.shape[1]
     full = ng // 8 * 8
-    quantize_activations(x, full, xq, xs, xsum)
-    for i in prange(n):
-        acc = f32x8_zero()
-        for g in range(0, full, 8):
-            base = i * half + 16 * g
-            # The int4 loop computes so much per byte that the hardware prefetcher
-            # falls behind; fetching 4 KB ahead gains ~25% out of cache (measured).
-            prefetch(q, base + _PREFETCH_BYTES)
-            prefetch(q, base + _PREFETCH_BYTES + 64)
-            c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, g))
-            acc = f32x8_fma(acc, f32x8_load(minimum, i * ng + g), f32x8_load(xsum, g))
-            acc = dot_groups8(acc, q, base, xq, 32 * g, c)
-        tail = np.float32(0.0)
-        for g in range(full, ng):
-            acc = dot_group(acc, q, i * half + 16 * g, xq, 32 * g, f16_to_f32(scale[i, g]) * xs[g])
-            tail += f16_to_f32(minimum[i, g]) * xsum[g]
-        out[i] = f32x8_sum(acc) + tail
+    T = X.shape[0]
+    for t in range(T):
+        quantize_activations(X[t], full, xq[t], xs[t], xsum[t])
+    for b in prange((n + ROWS - 1) // ROWS):
+        for t in range(T):
+            for i in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                acc = f32x8_zero()
+                for g in range(0, full, 8):
+                    base = i * half + 16 * g
+                    # The int4 loop computes so much per byte that the hardware prefetcher
+                    # falls behind; fetching 4 KB ahead gains ~25% out of cache (measured).
+                    prefetch(q, base + _PREFETCH_BYTES)
+                    prefetch(q, base + _PREFETCH_BYTES + 64)
+                    c = f32x8_mul(f32x8_load(scale, i * ng + g), f32x8_load(xs, t * ng + g))
+                    acc = f32x8_fma(acc, f32x8_load(minimum, i * ng + g), f32x8_load(xsum, t * ng + g))
+                    acc = dot_groups8(acc, q, base, xq, t * m + 32 * g, c)
+                tail = np.float32(0.0)
+                for g in range(full, ng):
+                    acc = dot_group(acc, q, i * half + 16 * g, xq, t * m + 32 * g,
+                                    f16_to_f32(scale[i, g]) * xs[t, g])
+                    tail += f16_to_f32(minimum[i, g]) * xsum[t, g]
+                v = f32x8_sum(acc) + tail
+                out[t, i] = out[t, i] + v if accumulate else v
 
 
 def _compile(f, parallel: bool):
@@ -165,14 +200,14 @@ def _compile(f, parallel: bool):
     return njit(nogil=True, fastmath=True, cache=True)(g)
 
 
-matvec_f32 = _compile(_matvec_f32, parallel=True)
-matvec_f16 = _compile(_matvec_f16, parallel=True)
-matvec_i8 = _compile(_matvec_i8, parallel=True)
-matvec_i4 = _compile(_matvec_i4, parallel=True)
-matvec_f32_serial = _compile(_matvec_f32, parallel=False)
-matvec_f16_serial = _compile(_matvec_f16, parallel=False)
-matvec_i8_serial = _compile(_matvec_i8, parallel=False)
-matvec_i4_serial = _compile(_matvec_i4, parallel=False)
+matmul_f32 = _compile(_matmul_f32, parallel=True)
+matmul_f16 = _compile(_matmul_f16, parallel=True)
+matmul_i8 = _compile(_matmul_i8, parallel=True)
+matmul_i4 = _compile(_matmul_i4, parallel=True)
+matmul_f32_serial = _compile(_matmul_f32, parallel=False)
+matmul_f16_serial = _compile(_matmul_f16, parallel=False)
+matmul_i8_serial = _compile(_matmul_i8, parallel=False)
+matmul_i4_serial = _compile(_matmul_i4, parallel=False)
 
 
 def _dequantize_rows_f16(w, r0, out):

@@ -16,6 +16,7 @@ import codecs
 import os
 from typing import Iterable
 
+import numba
 import numpy as np
 
 from ..errors import ModelFormatError
@@ -78,21 +79,24 @@ def read_vocab(path: str) -> dict[int, bytes]:
 
 
 class ByteTrie:
-    """Greedy longest-match encoder over a set of byte strings (flat-array trie).
+    """Greedy longest-match encoder over a set of byte strings.
 
     Attributes:
-        child_start: (nodes + 1,) int64, first edge of each node.
-        child_byte: (edges,) uint8, byte of each edge, sorted within a node.
-        child_node: (edges,) int32, node each edge leads to.
-        node_token: (nodes,) int32, token id ending at each node, or -1.
-        level1, level2: (256,), (65536,) int32, dense node tables for the
-            first one and two bytes (the root's and its children's many edges).
+        table: the packed double-array trie (layout in rwkvcpu/tokenizers/trie.py).
+        n_nodes: trie nodes, root included.
+        every_byte: every single byte is a token, so any input encodes.
+
+    Example:
+        >>> ByteTrie({1: b"a", 2: b"ab", 3: b"b"}).encode(b"abb")
+        [2, 3]
     """
 
     def __init__(self, vocab: dict[int, bytes]):
         # As in the reference, a byte string listed twice keeps its last id.
         by_bytes = {token: i for i, token in sorted(vocab.items())}
         tokens = sorted(t for t in by_bytes if t)
+        if not tokens:
+            raise ModelFormatError("the vocabulary holds no tokens")
         blob = np.frombuffer(b"".join(tokens), np.uint8)
         offsets = np.zeros(len(tokens) + 1, np.int64)
         offsets[1:] = np.cumsum([len(t) for t in tokens])
@@ -102,28 +106,45 @@ class ByteTrie:
         path = np.zeros(max(map(len, tokens)) + 1, np.int32)
         edge_parent = np.empty(n_nodes - 1, np.int32)
         edge_byte = np.empty(n_nodes - 1, np.uint8)
-        self.node_token = np.empty(n_nodes, np.int32)
-        trie.build_trie_edges(blob, offsets, ids, path, edge_parent, edge_byte, self.node_token)
-
+        node_token = np.empty(n_nodes, np.int32)
+        trie.build_trie_edges(blob, offsets, ids, path, edge_parent, edge_byte, node_token)
         # Edge k created node k + 1; within a parent, edges already come in byte order.
         order = np.argsort(edge_parent, kind="stable")
-        self.child_byte = edge_byte[order]
-        self.child_node = (order + 1).astype(np.int32)
-        self.child_start = np.zeros(n_nodes + 1, np.int64)
-        self.child_start[1:] = np.cumsum(np.bincount(edge_parent, minlength=n_nodes))
-        self.level1 = np.empty(256, np.int32)
-        self.level2 = np.empty(256 * 256, np.int32)
-        trie.fill_first_levels(self.child_start, self.child_byte, self.child_node, self.level1, self.level2)
+        child_start = np.zeros(n_nodes + 1, np.int64)
+        child_start[1:] = np.cumsum(np.bincount(edge_parent, minlength=n_nodes))
+
+        cell_of, queue = np.empty(n_nodes, np.int64), np.empty(n_nodes, np.int64)
+        capacity = n_nodes + 512
+        while True:
+            table = np.empty(trie.CELLS + 3 * capacity, np.int32)
+            cells = table[trie.CELLS:].reshape(capacity, 3)
+            used = trie.build_double_array(child_start, edge_byte[order], (order + 1).astype(np.int32),
+                                           node_token, cells, cell_of, queue)
+            if used >= 0:
+                break
+            capacity *= 2
+        table = table[:trie.CELLS + 3 * (used + 256)].copy()
+        trie.fill_level2(table[trie.CELLS:].reshape(-1, 3), table[:trie.CELLS])
+        # Shared by every thread that encodes: never written after this point.
+        table.flags.writeable = False
+        self.table = table
+        self.n_nodes = n_nodes
+        self.every_byte = len(set(tokens) & {bytes([b]) for b in range(256)}) == 256
+        # The compiled kernel itself, skipping numba's per-call type dispatch
+        # (a quarter of the cost of encoding a short string): every call
+        # passes exactly these types, bytes and this table.
+        self._encode = trie.encode_greedy.compile((numba.typeof(b""), numba.typeof(table)))
 
     def encode(self, data: bytes) -> list[int]:
-        """Token ids of a byte string (greedy longest match, left to right)."""
-        src = np.frombuffer(data, np.uint8)
-        out = np.empty(len(data), np.int32)
-        n = trie.encode_longest_match(src, self.child_start, self.child_byte, self.child_node,
-                                      self.node_token, self.level1, self.level2, out)
-        if n < 0:
-            raise ModelFormatError(f"no token in the vocabulary starts with byte {data[-n - 1]:#04x}")
-        return out[:n].tolist()
+        """Token ids of a byte string (greedy longest match, left to right).
+
+        Raises:
+            ModelFormatError: no token of the vocabulary starts with some byte of `data`.
+        """
+        ids = self._encode(data, self.table)
+        if ids and ids[-1] < 0:
+            raise ModelFormatError(f"no token in the vocabulary starts with byte {data[-ids[-1] - 1]:#04x}")
+        return ids
 
 
 class WorldTokenizer(Tokenizer):
@@ -147,10 +168,14 @@ class WorldTokenizer(Tokenizer):
         for i, token in vocab.items():
             self._bytes[i] = token
         self._trie = ByteTrie(vocab)
+        if not self._trie.every_byte:
+            raise ModelFormatError(f"{path}: the vocabulary lacks some single bytes; every text could not be encoded")
+        # Every byte is a token, so the kernel never reports a failure: call it directly.
+        self._encode, self._table = self._trie._encode, self._trie.table
 
     def encode(self, text: str) -> list[int]:
         # surrogatepass: a lone surrogate (possible in Python strings) is kept, not an error
-        return self._trie.encode(text.encode("utf-8", errors="surrogatepass"))
+        return self._encode(text.encode("utf-8", "surrogatepass"), self._table)
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of raw bytes (any bytes, valid UTF-8 or not)."""
