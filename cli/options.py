@@ -19,25 +19,30 @@ from rwkvcpu.errors import InvalidArgumentError, ModelFormatError
 class Number(click.ParamType):
     """A number option whose bad values are one-line InvalidArgumentErrors."""
 
-    def __init__(self, cast, what):
-        self.cast, self.what = cast, what
+    def __init__(self, cast, what, minimum=None):
+        self.cast, self.what, self.minimum = cast, what, minimum
         self.name = "integer" if cast is int else "number"
 
     def get_metavar(self, param, ctx=None):
         return "INT" if self.cast is int else "FLOAT"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return self.cast(value)
+        flag = param.opts[-1] if param is not None else "value"
         try:
-            return self.cast(str(value).strip())
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = self.cast(value)
+            else:
+                number = self.cast(str(value).strip())
         except ValueError:
-            flag = param.opts[-1] if param is not None else "value"
             raise InvalidArgumentError(f"{flag} must be {self.what}, got {value!r}") from None
+        if self.minimum is not None and number < self.minimum:
+            raise InvalidArgumentError(f"{flag} must be {self.what}, got {value!r}")
+        return number
 
 
 INT = Number(int, "an integer")
 FLOAT = Number(float, "a number")
+POSITIVE_INT = Number(int, "a positive integer", minimum=1)
 
 
 class TokenBias(click.ParamType):
@@ -87,7 +92,7 @@ def model_option(f):
 
 
 def threads_option(f):
-    return click.option("--threads", type=INT, default=None, metavar="N",
+    return click.option("--threads", type=POSITIVE_INT, default=None, metavar="N",
                         help="CPU threads for the model (default: one per physical core).")(f)
 
 

@@ -43,6 +43,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
+from .errors import InvalidArgumentError
+
 _SPINCOUNT = "20000"
 
 _lock = threading.Lock()
@@ -104,14 +106,14 @@ def configure(threads: Optional[int] = None) -> int:
         the number of threads that will be used.
 
     Raises:
-        ValueError: threads is not a positive integer.
+        InvalidArgumentError (a ValueError): threads is not a positive integer.
     """
     import numba
     if threads is None:
         n = physical_cores()
     else:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+            raise InvalidArgumentError(f"threads must be a positive integer or None, got {threads!r}")
         n = threads
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     with _lock:

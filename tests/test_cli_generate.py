@@ -80,6 +80,8 @@ def test_help_lists_every_option():
     (["--logit-bias", "5", "x"], "--logit-bias takes TOKEN_ID=BIAS"),
     (["-m", "/nonexistent/model.safetensors", "x"], "no such model file"),
     (["-m", "/nonexistent/model.safetensors", ""], "prompt is empty"),
+    (["--threads", "0", "x"], "--threads must be a positive integer, got '0'"),
+    (["--threads", "-3", "x"], "--threads must be a positive integer, got '-3'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, error, capsys):
     with pytest.raises(SystemExit) as e:
@@ -131,6 +133,8 @@ def test_subprocess_generates_and_reads_stdin(tiny_v7_file, tiny):
     ["generate", "--top-p", "2", "hi"],
     ["generate", "--top-k", "-1", "hi"],
     ["generate", "--seed", "twelve", "hi"],
+    ["generate", "--threads", "0", "hi"],
+    ["generate", b"caf\xe9 au lait"],        # not UTF-8, and the shipped model's tokenizer needs it
 ])
 def test_subprocess_bad_input(args):
     p = run(*args)
@@ -145,14 +149,20 @@ def test_subprocess_empty_prompt_on_stdin(tiny_v7_file):
     assert p.returncode == 2 and "prompt is empty" in p.stderr and p.stderr.count("\n") == 1
 
 
-def test_subprocess_without_shipped_model_or_with_it():
+def test_subprocess_uses_the_shipped_model_by_default():
+    import rwkvcpu
     from rwkvcpu.models import default_model_path
-    p = run("generate", "-n", "3", "Once upon a time")
-    if default_model_path().exists():
-        assert p.returncode == 0, p.stderr
-    else:
-        assert p.returncode == 2 and p.stderr.count("\n") == 1
-        assert "shipped with rwkvcpu is not installed" in p.stderr
+    p = run("generate", "-n", "12", *GREEDY, "Once upon a time")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == expected(rwkvcpu.load(default_model_path()), "Once upon a time", 12)
+    assert p.stdout.strip()
+
+
+def test_subprocess_prompt_bytes_that_are_not_utf8_reach_a_byte_model(tiny_v7_file, tiny):
+    """A byte-level (or World) vocabulary encodes any bytes: they are fed as they came."""
+    p = run("generate", "-m", str(tiny_v7_file), "-n", "8", *GREEDY, b"caf\xe9 ")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == expected(tiny, [99, 97, 102, 0xE9, 32], 8)
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "perplexity"])

@@ -138,3 +138,17 @@ def test_tokenizer_files_ship_inside_the_package():
     here = files("rwkvcpu.tokenizers")
     assert (here / "rwkv_vocab_v20230424.txt").is_file()
     assert (here / "20B_tokenizer.json").is_file()
+
+
+def test_text_from_bytes_that_were_not_utf8(neox):
+    """Python keeps such bytes (from argv, a file name, a surrogateescape stream) as U+DC80..U+DCFF."""
+    escaped_valid = b"caf\xc3\xa9".decode("utf-8", "surrogateescape").encode("utf-8").decode("utf-8")
+    assert neox.encode("caf\udcc3\udca9") == neox.encode("café") == neox.encode(escaped_valid)
+    with pytest.raises(InvalidArgumentError, match=r"not valid UTF-8 \(byte 0xe9 at offset 3\)"):
+        neox.encode("caf\udce9 au lait")
+    with pytest.raises(InvalidArgumentError, match="lone surrogate U\\+D800 at character 1"):
+        neox.encode("a\ud800b")
+    bytes_model = ByteTokenizer()
+    assert bytes_model.encode("caf\udce9") == [99, 97, 102, 0xE9]
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        bytes_model.encode("\udfff")

@@ -155,3 +155,12 @@ def test_live_parity_on_the_dev_corpus(shared_dir):
     ref = TRIE_TOKENIZER(WORLD_VOCAB_FILE)
     text = (shared_dir / "corpus" / "dev.txt").read_text(encoding="utf-8")[:200_000]
     assert world_tokenizer().encode(text) == ref.encode(text)
+
+
+def test_text_from_bytes_that_were_not_utf8(tok):
+    """Surrogate-escaped bytes (argv, surrogateescape streams) are encoded as the bytes they were;
+    a lone surrogate of any other kind is refused, as the reference refuses it."""
+    assert tok.encode("caf\udce9 ok") == tok.encode_bytes(b"caf\xe9 ok")
+    assert tok.encode("caf\udcc3\udca9") == tok.encode("café")
+    with pytest.raises(InvalidArgumentError, match="lone surrogate U\\+D800"):
+        tok.encode("x\ud800")

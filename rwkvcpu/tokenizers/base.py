@@ -15,6 +15,38 @@ from typing import Iterable, Optional
 from ..errors import InvalidArgumentError
 
 
+def text_bytes(text: str) -> bytes:
+    """The UTF-8 bytes of a text, restoring bytes that were not UTF-8 where the text came from.
+
+    Python carries such bytes of a command line, a file name or a stream read
+    with errors="surrogateescape" as the code points U+DC80..U+DCFF; they are
+    turned back into the original bytes. Any other lone surrogate is no
+    character at all and is refused.
+
+    Example:
+        >>> text_bytes("caf\udce9")
+        b'caf\xe9'
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(
+            f"the text holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
+            "which is not a character: pass text that encodes to UTF-8") from None
+
+
+def utf8_text(text: str) -> str:
+    """The text with its surrogate-escaped bytes decoded (see text_bytes); an InvalidArgumentError
+    naming the first byte that is not UTF-8."""
+    data = text_bytes(text)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(
+            f"the text is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}) and this model's "
+            "tokenizer reads only UTF-8: convert it first (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 class StreamDecoder:
     """Turns tokens, one at a time, into text that is safe to show.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .base import Tokenizer
+from .base import Tokenizer, text_bytes
 
 
 class ByteTokenizer(Tokenizer):
@@ -20,7 +20,7 @@ class ByteTokenizer(Tokenizer):
     eos_token_id = None
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", errors="surrogatepass"))
+        return list(text_bytes(text))
 
     def token_bytes(self, token: int) -> bytes:
         if not 0 <= token < 256:

@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Iterable, Optional
 
 from ..errors import ModelFormatError
-from .base import StreamDecoder, TextStreamDecoder, Tokenizer
+from .base import StreamDecoder, TextStreamDecoder, Tokenizer, utf8_text
 
 NEOX_20B_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "20B_tokenizer.json")
 
@@ -89,6 +89,8 @@ class HFTokenizer(Tokenizer):
         return table
 
     def encode(self, text: str) -> list[int]:
+        if not text.isascii():
+            text = utf8_text(text)
         return self._hf.encode(text).ids
 
     def token_bytes(self, token: int) -> bytes:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from . import trie
-from .base import Tokenizer
+from .base import Tokenizer, text_bytes
 
 WORLD_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rwkv_vocab_v20230424.txt")
 # RWKV World models have 65536 logits; ids past the vocabulary file decode to nothing.
@@ -174,8 +174,8 @@ class WorldTokenizer(Tokenizer):
         self._encode, self._table = self._trie._encode, self._trie.table
 
     def encode(self, text: str) -> list[int]:
-        # surrogatepass: a lone surrogate (possible in Python strings) is kept, not an error
-        return self._encode(text.encode("utf-8", "surrogatepass"), self._table)
+        # Bytes that were not UTF-8 in the source (surrogate-escaped) are encoded as those bytes.
+        return self._encode(text_bytes(text), self._table)
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of raw bytes (any bytes, valid UTF-8 or not)."""
