@@ -83,9 +83,20 @@ class FakeModel:
 
 @pytest.fixture(scope="session")
 def tiny_v7_file(tmp_path_factory):
-    """The shared tiny RWKV-7 (byte-level) converted to an fp32 rwkvcpu file, once per session."""
-    from conftest import tiny_model_path
+    """The shared tiny RWKV-7 (byte-level) converted to an fp32 rwkvcpu file, once per session.
+
+    Without ../shared, a random-weight byte-level v7 of the official layout stands
+    in: the CLI tests compare the commands with the Python API on the same file,
+    so they hold for any weights.
+    """
+    from conftest import SHARED, tiny_model_path
     from rwkvcpu.quant.convert import convert
-    dst = tmp_path_factory.mktemp("tiny") / "tiny-v7.safetensors"
-    convert(tiny_model_path("v7"), dst, dtype="fp32", progress=False)
+    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    work = tmp_path_factory.mktemp("tiny")
+    if SHARED is not None:
+        src = tiny_model_path("v7")
+    else:
+        src = write_pth(work / "random-v7.pth", random_official_state_dict("v7", 2, 64, 256, head_size=32, seed=5))
+    dst = work / "tiny-v7.safetensors"
+    convert(src, dst, dtype="fp32", progress=False)
     return dst
