@@ -17,6 +17,7 @@ DeepEmbed or DEA) is refused with a message naming what was found.
 from __future__ import annotations
 
 import re
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -95,6 +96,78 @@ def detect_generation(names) -> str | None:
     return None
 
 
+class _Found(NamedTuple):
+    """What a per-generation dimension rule may look at."""
+    path: str
+    names: set
+    shape: Callable       # tensor name -> shape tuple
+    n_embd: int
+    rwkv_cpp: bool        # rwkv.cpp naming: low-rank matrices stored transposed
+
+
+def _v4_dims(found):
+    """v4: no heads and no low-rank matrices."""
+    return "v4", 0, {}
+
+
+def _v5_dims(found):
+    """v5: the minor from the gate and decay shape, the head count from the decay."""
+    path, names, shape, n_embd = found.path, found.names, found.shape, found.n_embd
+    decay = shape("blocks.0.att.time_decay")
+    per_channel = int(np.prod(decay)) == n_embd
+    if "blocks.0.att.gate.weight" in names:
+        generation = "v5.2" if per_channel else "v5.1"
+    else:
+        generation = "v5.0"
+    n_head = _heads(decay, n_embd)
+    if n_head is None and "blocks.0.att.time_faaaa" in names:
+        n_head = _heads(shape("blocks.0.att.time_faaaa"), n_embd)
+    if n_head is None:
+        # A per-channel decay stored flat carries no head count; 64 is the
+        # head size of every released v5.2 model.
+        n_head = n_embd // 64 if n_embd % 64 == 0 else None
+    if n_head is None:
+        raise ModelFormatError(f"{path}: cannot infer the head count from blocks.0.att.time_decay {decay}")
+    return generation, n_embd // n_head, {}
+
+
+def _v6_dims(found):
+    """v6: the head count from time_faaaa, the low-rank widths from the w1 matrices."""
+    shape, n_embd, rwkv_cpp = found.shape, found.n_embd, found.rwkv_cpp
+    n_head = _heads(shape("blocks.0.att.time_faaaa"), n_embd)
+    if n_head is None:
+        raise ModelFormatError(
+            f"{found.path}: cannot infer the head count from blocks.0.att.time_faaaa {shape('blocks.0.att.time_faaaa')}")
+    w1, d1 = shape("blocks.0.att.time_maa_w1"), shape("blocks.0.att.time_decay_w1")
+    # rwkv.cpp stores these transposed: (5*E, D) and (E, D).
+    lora = {"E_maa": (w1[0] if rwkv_cpp else w1[1]) // 5,
+            "E_decay": d1[0] if rwkv_cpp else d1[1]}
+    return "v6", n_embd // n_head, lora
+
+
+def _v7_dims(found):
+    """v7: the head size from r_k (H, S), the low-rank widths from the *1 matrices."""
+    shape = found.shape
+    r_k = shape("blocks.0.att.r_k")
+    if len(r_k) != 2 or r_k[0] * r_k[1] != found.n_embd:
+        raise ModelFormatError(f"{found.path}: blocks.0.att.r_k has shape {r_k}, expected (heads, head size)")
+    lora = {}
+    for sym, key in (("Dw", "w1"), ("Da", "a1"), ("Dg", "g1"), ("Dv", "v1")):
+        # v1/v2 exist from layer 1 on only; a one-layer model has none.
+        for layer in (1, 0):
+            name = f"blocks.{layer}.att.{key}"
+            if name in found.names:
+                s = shape(name)
+                lora[sym] = s[0] if found.rwkv_cpp else s[-1]
+                break
+    return "v7", r_k[1], lora
+
+
+# family (as detect_generation names it) -> rule giving
+# (generation with its minor, head size, low-rank widths).
+_DIMS = {"v4": _v4_dims, "v5": _v5_dims, "v6": _v6_dims, "v7": _v7_dims}
+
+
 def detect(source, *, group_norm_eps=None, tokenizer="world") -> ModelConfig:
     """Detect the generation and dimensions of an opened source.
 
@@ -135,48 +208,8 @@ def detect(source, *, group_norm_eps=None, tokenizer="world") -> ModelConfig:
         raise ModelFormatError(
             f"{path}: blocks.0.ffn.key.weight has shape {ffn_key}, expected (F, {n_embd})")
     dim_ffn = ffn_key[0]
-    rwkv_cpp = source.naming == RWKV_CPP
-    head_size, lora = 0, {}
-
-    if gen == "v5":
-        decay = shape("blocks.0.att.time_decay")
-        per_channel = int(np.prod(decay)) == n_embd
-        if "blocks.0.att.gate.weight" in names:
-            gen = "v5.2" if per_channel else "v5.1"
-        else:
-            gen = "v5.0"
-        n_head = _heads(decay, n_embd)
-        if n_head is None and "blocks.0.att.time_faaaa" in names:
-            n_head = _heads(shape("blocks.0.att.time_faaaa"), n_embd)
-        if n_head is None:
-            # A per-channel decay stored flat carries no head count; 64 is the
-            # head size of every released v5.2 model.
-            n_head = n_embd // 64 if n_embd % 64 == 0 else None
-        if n_head is None:
-            raise ModelFormatError(f"{path}: cannot infer the head count from blocks.0.att.time_decay {decay}")
-        head_size = n_embd // n_head
-    elif gen == "v6":
-        n_head = _heads(shape("blocks.0.att.time_faaaa"), n_embd)
-        if n_head is None:
-            raise ModelFormatError(
-                f"{path}: cannot infer the head count from blocks.0.att.time_faaaa {shape('blocks.0.att.time_faaaa')}")
-        head_size = n_embd // n_head
-        w1, d1 = shape("blocks.0.att.time_maa_w1"), shape("blocks.0.att.time_decay_w1")
-        # rwkv.cpp stores these transposed: (5*E, D) and (E, D).
-        lora = {"E_maa": (w1[0] if rwkv_cpp else w1[1]) // 5,
-                "E_decay": d1[0] if rwkv_cpp else d1[1]}
-    elif gen == "v7":
-        r_k = shape("blocks.0.att.r_k")
-        if len(r_k) != 2 or r_k[0] * r_k[1] != n_embd:
-            raise ModelFormatError(f"{path}: blocks.0.att.r_k has shape {r_k}, expected (heads, head size)")
-        head_size = r_k[1]
-        for sym, key in (("Dw", "w1"), ("Da", "a1"), ("Dg", "g1"), ("Dv", "v1")):
-            for layer in (1, 0):
-                name = f"blocks.{layer}.att.{key}"
-                if name in names:
-                    s = shape(name)
-                    lora[sym] = s[0] if rwkv_cpp else s[-1]
-                    break
+    found = _Found(path, names, shape, n_embd, source.naming == RWKV_CPP)
+    gen, head_size, lora = _DIMS[gen](found)
     family = gen.split(".")[0]
     eps = group_norm_eps
     if eps is None:
