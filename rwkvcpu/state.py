@@ -13,6 +13,9 @@ per-head matrix state; v5/v6 index it [head, key, value], v7 [head, value, key],
 as in the official implementations, so state-tuned `time_state` tensors load
 unchanged.
 
+The sections of each family, with their initial values, are one table,
+STATE_SECTIONS; state_layout and State.zeros read it.
+
 The size depends only on the configuration: the same after 10 tokens or 10
 million.
 """
@@ -38,6 +41,27 @@ class Section(NamedTuple):
     shape: tuple
 
 
+class SectionSpec(NamedTuple):
+    """One section of a family's state, before the configuration gives it sizes."""
+    name: str
+    shape: tuple         # symbolic, as in rwkvcpu.layouts: L layers, D width, H heads, S head size
+    initial: float = 0.0
+
+
+_ATT_X = SectionSpec("att_x", ("L", "D"))
+_FFN_X = SectionSpec("ffn_x", ("L", "D"))
+_WKV = SectionSpec("wkv", ("L", "H", "S", "S"))
+
+# family -> sections of its state, in memory order.
+STATE_SECTIONS = {
+    "v4": (_ATT_X, SectionSpec("att_aa", ("L", "D")), SectionSpec("att_bb", ("L", "D")),
+           SectionSpec("att_pp", ("L", "D"), V4_PP_INIT), _FFN_X),
+    "v5": (_ATT_X, _WKV, _FFN_X),
+    "v6": (_ATT_X, _WKV, _FFN_X),
+    "v7": (_ATT_X, _WKV, _FFN_X),
+}
+
+
 def state_layout(config: ModelConfig) -> dict:
     """Named sections of the flat state array.
 
@@ -52,16 +76,12 @@ def state_layout(config: ModelConfig) -> dict:
         >>> state_layout(cfg)["wkv"]
         Section(offset=128, shape=(2, 4, 16, 16))
     """
-    L, D = config.n_layer, config.n_embd
-    if config.family == "v4":
-        shapes = [("att_x", (L, D)), ("att_aa", (L, D)), ("att_bb", (L, D)),
-                  ("att_pp", (L, D)), ("ffn_x", (L, D))]
-    else:
-        H, S = config.n_head, config.head_size
-        shapes = [("att_x", (L, D)), ("wkv", (L, H, S, S)), ("ffn_x", (L, D))]
+    dims = config.dims()
+    dims["L"] = config.n_layer
     layout, offset = {}, 0
-    for name, shape in shapes:
-        layout[name] = Section(offset, shape)
+    for spec in STATE_SECTIONS[config.family]:
+        shape = tuple(dims[d] for d in spec.shape)
+        layout[spec.name] = Section(offset, shape)
         offset += int(np.prod(shape))
     return layout
 
@@ -111,10 +131,11 @@ class State:
 
     @classmethod
     def zeros(cls, config: ModelConfig, fingerprint: str) -> "State":
-        """A fresh state: zeros, with v4's running exponent at "minus infinity"."""
-        state = cls(config, np.zeros(state_size(config), np.float32), fingerprint)
-        if config.family == "v4":
-            state.views["att_pp"][:] = V4_PP_INIT
+        """A fresh state: every section at its initial value (zeros, but v4's
+        running exponent at "minus infinity")."""
+        state = cls(config, np.empty(state_size(config), np.float32), fingerprint)
+        for spec in STATE_SECTIONS[config.family]:
+            state.views[spec.name][:] = spec.initial
         return state
 
     def copy(self) -> "State":
