@@ -43,6 +43,7 @@ class Context(NamedTuple):
     config: ModelConfig
     source: object            # the reader, for ops that need a second tensor
     name: str                 # canonical name being built (for messages)
+    arg: Optional[int] = None     # the rule's argument, for an op that takes one
 
 
 def _one_minus(x, ctx):
@@ -84,12 +85,12 @@ def _swap_last2(x, ctx):
     return np.swapaxes(x, -1, -2)
 
 
-def _take6(x, ctx, row):
-    """Row `row` of rwkv.cpp's x_rwkvag, the six v7 token-shift vectors stacked."""
+def _take6(x, ctx):
+    """Row `ctx.arg` of rwkv.cpp's x_rwkvag, the six v7 token-shift vectors stacked."""
     d = ctx.config.n_embd
     if x.size != 6 * d:
         raise ModelFormatError(f"{ctx.source.path}: x_rwkvag has shape {x.shape}, expected 6 x {d} values")
-    return x.reshape(6, d)[row]
+    return x.reshape(6, d)[ctx.arg]
 
 
 def _fold_ln0(x, ctx):
@@ -313,9 +314,9 @@ def _refuse_extras(path, config, extras):
 def build(source, config: ModelConfig, p: Planned) -> np.ndarray:
     """The canonical float32 value of one planned tensor."""
     x = source.load(p.source)
-    ctx = Context(config, source, p.name)
+    ctx = Context(config, source, p.name, p.rule.arg)
     for op in p.rule.ops:
-        x = OPS[op](x, ctx, p.rule.arg) if op == "take6" else OPS[op](x, ctx)
+        x = OPS[op](x, ctx)
     if x.shape != p.shape:
         if p.kind == VECTOR and x.size == int(np.prod(p.shape)):
             # Official vectors carry unit dimensions, e.g. time_mix_k (1, 1, D).

@@ -129,17 +129,33 @@ BLOCK = (
 TIME_STATE = OfficialTensor("att.time_state", ("H", "S", "S"), _V5 + ("v6", "v7"))
 
 
+def _widths_v4_v5(d):
+    return {"F": 4 * d}
+
+
+def _widths_v6(d):
+    ffn = int(d * 3.5) // 32 * 32
+    return {"F": ffn, "Ew": 32 if d < 4096 else 64, "Ed": 64 if d < 4096 else 128}
+
+
+def _v7_rank(mult, d):
+    """A v7 low-rank width: mult * sqrt(D), rounded to a multiple of 32, at least 32."""
+    return max(32, int(round(mult * math.sqrt(d) / 32) * 32))
+
+
+def _widths_v7(d):
+    return {"F": 4 * d, "Dw": _v7_rank(2.5, d), "Da": _v7_rank(2.5, d),
+            "Dv": _v7_rank(1.7, d), "Dg": _v7_rank(5, d)}
+
+
+# generation -> its official widths for a model width D; v4 and v5 (and any
+# name not listed) have only the channel mix's.
+_DEFAULT_WIDTHS = {"v6": _widths_v6, "v7": _widths_v7}
+
+
 def default_dims(generation: str, n_embd: int, head_size: int = 64) -> dict:
     """Channel-mix and low-rank widths the official training code picks for a width."""
-    d = n_embd
-    if generation == "v6":
-        ffn = int(d * 3.5) // 32 * 32
-        return {"F": ffn, "Ew": 32 if d < 4096 else 64, "Ed": 64 if d < 4096 else 128}
-    if generation == "v7":
-        def r(mult):
-            return max(32, int(round(mult * math.sqrt(d) / 32) * 32))
-        return {"F": 4 * d, "Dw": r(2.5), "Da": r(2.5), "Dv": r(1.7), "Dg": r(5)}
-    return {"F": 4 * d}
+    return _DEFAULT_WIDTHS.get(generation, _widths_v4_v5)(n_embd)
 
 
 def _resolve(dim, dims):
