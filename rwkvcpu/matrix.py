@@ -27,6 +27,11 @@ import numpy as np
 from . import threads
 from .errors import ModelFormatError
 from .kernels import matvec as K
+from .quant.formats import FORMATS
+
+# Weights per scale (and min) along a row, as the formats define them.
+_INT8_GROUP = FORMATS["int8"].group
+_INT4_GROUP = FORMATS["int4"].group
 
 
 class F32Matrix(NamedTuple):
@@ -69,17 +74,28 @@ def _u16(a):
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def _check(fmt, values, *groups):
-    """The scale/min arrays must have one entry per group of each row."""
-    n, width = values.shape
-    if fmt == "int4":
-        width *= 2
-    group = 64 if fmt == "int8" else 32
-    for a in groups:
+def _check(fmt, m):
+    """The scale/min arrays (the fields after the values) must have one entry per group of each row."""
+    group = FORMATS[fmt].group
+    for a in m[1:]:
+        n, width = m.shape
         if a.shape != (n, width // group) or width % group or a.dtype != np.uint16:
             raise ModelFormatError(
                 f"{fmt} matrix of shape {(n, width)}: its scales/mins have shape {a.shape} and dtype "
                 f"{a.dtype}, expected {(n, width // group)} float16 (one per {group} weights of a row)")
+
+
+def _f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+# format name -> (container, how each of its fields is read: (stored part suffix, reader)).
+_CONTAINERS = {
+    "fp32": (F32Matrix, (("", _f32),)),
+    "fp16": (F16Matrix, (("", _u16),)),
+    "int8": (Int8Matrix, (("", np.ascontiguousarray), (".scale", _u16))),
+    "int4": (Int4Matrix, (("", np.ascontiguousarray), (".scale", _u16), (".min", _u16))),
+}
 
 
 def from_parts(fmt: str, parts: dict):
@@ -94,28 +110,22 @@ def from_parts(fmt: str, parts: dict):
         when they already are).
 
     Raises:
-        ModelFormatError: scales or mins whose shape does not fit the values.
+        ModelFormatError: an unknown format, or scales or mins whose shape does not fit the values.
     """
-    if fmt == "fp32":
-        return F32Matrix(np.ascontiguousarray(parts[""], dtype=np.float32))
-    if fmt == "fp16":
-        return F16Matrix(_u16(parts[""]))
-    if fmt == "int8":
-        m = Int8Matrix(np.ascontiguousarray(parts[""]), _u16(parts[".scale"]))
-        _check(fmt, m.q, m.scale)
-        return m
-    if fmt == "int4":
-        m = Int4Matrix(np.ascontiguousarray(parts[""]), _u16(parts[".scale"]), _u16(parts[".min"]))
-        _check(fmt, m.q, m.scale, m.min)
-        return m
-    raise ValueError(f"unknown matrix format {fmt!r}")
+    try:
+        container, fields = _CONTAINERS[fmt]
+    except KeyError:
+        raise ModelFormatError(f"unknown matrix format {fmt!r}") from None
+    m = container(*(read(parts[suffix]) for suffix, read in fields))
+    _check(fmt, m)
+    return m
 
 
 def format_of(m) -> str:
     return _FORMAT_NAMES[type(m)]
 
 
-_FORMAT_NAMES = {F32Matrix: "fp32", F16Matrix: "fp16", Int8Matrix: "int8", Int4Matrix: "int4"}
+_FORMAT_NAMES = {container: fmt for fmt, (container, _) in _CONTAINERS.items()}
 
 
 def nbytes(m) -> int:
@@ -177,12 +187,12 @@ def _matmul_f16(m, X, out, accumulate, parallel):
 
 
 def _matmul_i8(m, X, out, accumulate, parallel):
-    xq, xs, xsum = _scratch.activations(_scratch.int8, X.shape[0], X.shape[1], 64)
+    xq, xs, xsum = _scratch.activations(_scratch.int8, X.shape[0], X.shape[1], _INT8_GROUP)
     (K.matmul_i8 if parallel else K.matmul_i8_serial)(m.q, m.scale, X, xq, xs, xsum, out, accumulate)
 
 
 def _matmul_i4(m, X, out, accumulate, parallel):
-    xq, xs, xsum = _scratch.activations(_scratch.int4, X.shape[0], X.shape[1], 32)
+    xq, xs, xsum = _scratch.activations(_scratch.int4, X.shape[0], X.shape[1], _INT4_GROUP)
     (K.matmul_i4 if parallel else K.matmul_i4_serial)(m.q, m.scale, m.min, X, xq, xs, xsum, out, accumulate)
 
 
