@@ -43,6 +43,10 @@ def _literal_bytes(literal: str) -> bytes:
     return text.encode("utf-8")
 
 
+def _malformed(path, n, why) -> ModelFormatError:
+    return ModelFormatError(f"{path}:{n}: malformed vocabulary line ({why})")
+
+
 def read_vocab(path: str) -> dict[int, bytes]:
     """Parse a World vocabulary file into id -> token bytes.
 
@@ -59,9 +63,9 @@ def read_vocab(path: str) -> dict[int, bytes]:
         if not line.strip():
             continue
         first, last = line.find(" "), line.rfind(" ")
+        if first < 0 or last <= first:
+            raise _malformed(path, n, "expected '<id> <literal> <length>'")
         try:
-            if first < 0 or last <= first:
-                raise ValueError("expected '<id> <literal> <length>'")
             i, literal, length = int(line[:first]), line[first + 1:last], int(line[last + 1:])
             try:
                 token = _literal_bytes(literal)
@@ -70,10 +74,10 @@ def read_vocab(path: str) -> dict[int, bytes]:
             if len(token) != length:
                 value = ast.literal_eval(literal)
                 token = value.encode("utf-8") if isinstance(value, str) else value
-            if not isinstance(token, bytes) or len(token) != length:
-                raise ValueError(f"token {i} is {token!r}, expected {length} bytes")
         except (ValueError, SyntaxError) as e:
-            raise ModelFormatError(f"{path}:{n}: malformed vocabulary line ({e})") from None
+            raise _malformed(path, n, e) from None
+        if not isinstance(token, bytes) or len(token) != length:
+            raise _malformed(path, n, f"token {i} is {token!r}, expected {length} bytes")
         vocab[i] = token
     return vocab
 
