@@ -23,11 +23,10 @@ max|x over its group| / 65534: a relative error of ~1.5e-5, well below the
 weights' own quantization error.
 """
 
-from types import FunctionType
-
 import numpy as np
 from numba import njit, prange
 
+from .compile import compile_kernel
 from .f16 import f16_to_f32
 from .simd import (dequantize_group, dot_group, dot_groups8, f32_bits, f32x8_absmax, f32x8_add,
                    f32x8_fma, f32x8_load, f32x8_max, f32x8_mul, f32x8_sum, f32x8_zero, prefetch)
@@ -181,33 +180,14 @@ def _matmul_i4(q, scale, minimum, X, xq, xs, xsum, out, accumulate):
                 out[t, i] = out[t, i] + v if accumulate else v
 
 
-def _compile(f, parallel: bool):
-    """The kernel `f` compiled to run in parallel over its prange, or serially
-    on the calling thread (without the GIL, so other Python threads can run
-    meanwhile).
-
-    numba's on-disk cache is keyed by a function's name and bytecode, not by the
-    compile options: compiling one Python function twice, parallel and serial,
-    would load one variant's machine code for the other. So each variant gets a
-    function object of its own name.
-    """
-    suffix = "_parallel" if parallel else "_serial"
-    g = FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-    g.__qualname__ = f.__qualname__ + suffix
-    g.__doc__ = f.__doc__
-    if parallel:
-        return njit(parallel=True, fastmath=True, cache=True)(g)
-    return njit(nogil=True, fastmath=True, cache=True)(g)
-
-
-matmul_f32 = _compile(_matmul_f32, parallel=True)
-matmul_f16 = _compile(_matmul_f16, parallel=True)
-matmul_i8 = _compile(_matmul_i8, parallel=True)
-matmul_i4 = _compile(_matmul_i4, parallel=True)
-matmul_f32_serial = _compile(_matmul_f32, parallel=False)
-matmul_f16_serial = _compile(_matmul_f16, parallel=False)
-matmul_i8_serial = _compile(_matmul_i8, parallel=False)
-matmul_i4_serial = _compile(_matmul_i4, parallel=False)
+matmul_f32 = compile_kernel(_matmul_f32, parallel=True)
+matmul_f16 = compile_kernel(_matmul_f16, parallel=True)
+matmul_i8 = compile_kernel(_matmul_i8, parallel=True)
+matmul_i4 = compile_kernel(_matmul_i4, parallel=True)
+matmul_f32_serial = compile_kernel(_matmul_f32, parallel=False)
+matmul_f16_serial = compile_kernel(_matmul_f16, parallel=False)
+matmul_i8_serial = compile_kernel(_matmul_i8, parallel=False)
+matmul_i4_serial = compile_kernel(_matmul_i4, parallel=False)
 
 
 def _dequantize_rows_f16(w, r0, out):
@@ -243,9 +223,9 @@ def _dequantize_rows_i4(q, scale, minimum, r0, out):
 
 # Parallel over rows, for the engine's own calls; serial and GIL-free, for the
 # GEMM workers of matrix.matmul (each dequantizes its own tiles).
-dequantize_rows_f16 = _compile(_dequantize_rows_f16, parallel=True)
-dequantize_rows_i8 = _compile(_dequantize_rows_i8, parallel=True)
-dequantize_rows_i4 = _compile(_dequantize_rows_i4, parallel=True)
-dequantize_rows_f16_serial = _compile(_dequantize_rows_f16, parallel=False)
-dequantize_rows_i8_serial = _compile(_dequantize_rows_i8, parallel=False)
-dequantize_rows_i4_serial = _compile(_dequantize_rows_i4, parallel=False)
+dequantize_rows_f16 = compile_kernel(_dequantize_rows_f16, parallel=True)
+dequantize_rows_i8 = compile_kernel(_dequantize_rows_i8, parallel=True)
+dequantize_rows_i4 = compile_kernel(_dequantize_rows_i4, parallel=True)
+dequantize_rows_f16_serial = compile_kernel(_dequantize_rows_f16, parallel=False)
+dequantize_rows_i8_serial = compile_kernel(_dequantize_rows_i8, parallel=False)
+dequantize_rows_i4_serial = compile_kernel(_dequantize_rows_i4, parallel=False)

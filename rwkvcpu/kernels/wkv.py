@@ -12,6 +12,7 @@ State layouts (see rwkvcpu/state.py): v4 keeps three per-channel vectors
 import numpy as np
 from numba import njit, prange
 
+from .compile import compile_kernel
 from .ops import FASTMATH
 
 
@@ -129,36 +130,25 @@ def wkv7_head(h, r, w, k, v, kk, kka, s, out):
             out[t, base + i] = acc
 
 
+def _wkv5(r, k, v, decay, bonus, s, out):
+    """wkv5_head for every head (heads in parallel in the parallel variant)."""
+    for h in prange(s.shape[0]):
+        wkv5_head(h, r, k, v, decay, bonus, s, out)
+
+
+def _wkv7(r, w, k, v, kk, kka, s, out):
+    """wkv7_head for every head (heads in parallel in the parallel variant)."""
+    for h in prange(s.shape[0]):
+        wkv7_head(h, r, w, k, v, kk, kka, s, out)
+
+
 # Each recurrence runs its heads in parallel, or serially for calls too small
-# to be worth waking the thread team (one token of a small model). The two are
-# separate functions on purpose: numba's on-disk cache does not tell apart two
-# compilations of one Python function that differ only in `parallel`.
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def wkv5_parallel(r, k, v, decay, bonus, s, out):
-    """wkv5_head for every head, heads in parallel."""
-    for h in prange(s.shape[0]):
-        wkv5_head(h, r, k, v, decay, bonus, s, out)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def wkv5_serial(r, k, v, decay, bonus, s, out):
-    """wkv5_head for every head, on the calling thread."""
-    for h in range(s.shape[0]):
-        wkv5_head(h, r, k, v, decay, bonus, s, out)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def wkv7_parallel(r, w, k, v, kk, kka, s, out):
-    """wkv7_head for every head, heads in parallel."""
-    for h in prange(s.shape[0]):
-        wkv7_head(h, r, w, k, v, kk, kka, s, out)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def wkv7_serial(r, w, k, v, kk, kka, s, out):
-    """wkv7_head for every head, on the calling thread."""
-    for h in range(s.shape[0]):
-        wkv7_head(h, r, w, k, v, kk, kka, s, out)
+# to be worth waking the thread team (one token of a small model); compile_kernel
+# gives the two variants names of their own, so numba's on-disk cache keeps them apart.
+wkv5_parallel = compile_kernel(_wkv5, parallel=True, fastmath=FASTMATH)
+wkv5_serial = compile_kernel(_wkv5, parallel=False, fastmath=FASTMATH)
+wkv7_parallel = compile_kernel(_wkv7, parallel=True, fastmath=FASTMATH)
+wkv7_serial = compile_kernel(_wkv7, parallel=False, fastmath=FASTMATH)
 
 
 # Multiply-adds (T * H * S * S) below which a recurrence runs on the calling thread.
