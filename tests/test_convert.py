@@ -4,19 +4,36 @@ import hashlib
 import json
 import struct
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from conftest import SHARED, TINY_STEMS, TINY_VARIANTS, tiny_model_path
+import rwkvcpu.tokenizers
+from conftest import TINY_STEMS, TINY_VARIANTS, tiny_model_path
 from rwkvcpu.errors import ConversionError
 from rwkvcpu.layouts import expected_tensors
 from rwkvcpu.config import ModelConfig
 from rwkvcpu.quant.convert import convert, read_checkpoint
+from rwkvcpu.quant.official import random_official_state_dict, write_pth
 from rwkvcpu.quant.readers.ggml import GgmlSource
 from rwkvcpu.quant.writer import SafetensorsWriter
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 ITEMSIZE = {"F32": 4, "F16": 2, "I8": 1, "U8": 1}
+NEOX_TOKENIZER = Path(rwkvcpu.tokenizers.__file__).parent / "20B_tokenizer.json"
+
+
+def byte_level_source(kind, generation, tmp_path):
+    """A byte-level (vocabulary 256) source file of a generation: a shared tiny rwkv.cpp
+    FP16 model (skips without ../shared), or a random official .pth (always there)."""
+    if kind == "rwkv.cpp":
+        return tiny_model_path(generation, "FP16")
+    sd = random_official_state_dict(generation, n_layer=2, n_embd=64, vocab_size=256, head_size=32)
+    return write_pth(tmp_path / f"random-{generation}.pth", sd)
+
+
+SOURCES = ("pth", "rwkv.cpp")
 
 
 def _header(path):
@@ -111,9 +128,10 @@ def test_tiny_fixture_metadata(tmp_path):
     assert float(read_checkpoint(path, dtype="fp32", group_norm_eps=64e-5)[0]["group_norm_eps"]) == 64e-5
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_tensor_is_aligned_to_its_itemsize(tmp_path, dtype):
-    convert(tiny_model_path("v6", "FP16"), tmp_path / "m.safetensors", dtype=dtype, progress=False)
+def test_every_tensor_is_aligned_to_its_itemsize(tmp_path, dtype, source):
+    convert(byte_level_source(source, "v6", tmp_path), tmp_path / "m.safetensors", dtype=dtype, progress=False)
     header, start, size = _header(tmp_path / "m.safetensors")
     header.pop("__metadata__")
     assert start % 64 == 0
@@ -127,10 +145,11 @@ def test_every_tensor_is_aligned_to_its_itemsize(tmp_path, dtype):
     assert all(x[1] == y[0] for x, y in zip(ends, ends[1:]))     # no gaps, no overlap
 
 
-def test_tokenizer_choice_and_embedding(tmp_path):
-    path = tiny_model_path("v7", "FP16")
+@pytest.mark.parametrize("source", SOURCES)
+def test_tokenizer_choice_and_embedding(tmp_path, source):
+    path = byte_level_source(source, "v7", tmp_path)
     assert read_checkpoint(path, dtype="fp32", tokenizer="world")[0]["tokenizer"] == "world"
-    tok = SHARED / "tokenizers" / "20B_tokenizer.json"
+    tok = NEOX_TOKENIZER
     meta = convert(path, tmp_path / "m.safetensors", dtype="fp16", tokenizer=str(tok), progress=False)
     assert meta["tokenizer"] == "embedded"
     assert json.loads(meta["tokenizer_json"]) == json.loads(tok.read_text(encoding="utf-8"))
@@ -154,9 +173,10 @@ def test_writer_leaves_nothing_when_not_committed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_eos_token_id_is_recorded_and_read_by_the_tokenizer(tmp_path):
+@pytest.mark.parametrize("source", SOURCES)
+def test_eos_token_id_is_recorded_and_read_by_the_tokenizer(tmp_path, source):
     from rwkvcpu.tokenizers import load_tokenizer
-    path = tiny_model_path("v7", "FP16")
+    path = byte_level_source(source, "v7", tmp_path)
     meta, _ = read_checkpoint(path, dtype="fp32")
     assert "eos_token_id" not in meta and load_tokenizer(meta).eos_token_id is None   # bytes: none
     for given, want in ((10, 10), (0, 0), (-1, None)):

@@ -49,32 +49,47 @@ def small_pth(tmp_path):
     return write_pth(tmp_path / "small.pth", sd), sd
 
 
-def test_truncated_files(tmp_path, capsys, small_pth):
-    data = tiny_model_path("v6", "FP32").read_bytes()
-    (tmp_path / "cut.bin").write_bytes(data[: len(data) * 2 // 3])
+def assert_convert_refuses_truncated(tmp_path, capsys, name):
+    dst = tmp_path / f"{name}.safetensors"
+    code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
+    assert_one_line_error(code, err, name)
+    assert "truncated" in err
+    assert_nothing_at(dst)
+
+
+def test_truncated_pth(tmp_path, capsys, small_pth):
     pth_data = small_pth[0].read_bytes()
     (tmp_path / "cut.pth").write_bytes(pth_data[: len(pth_data) - 300])
-    for name in ("cut.bin", "cut.pth"):
-        dst = tmp_path / f"{name}.safetensors"
-        code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
-        assert_one_line_error(code, err, name)
-        assert "truncated" in err
-        assert_nothing_at(dst)
+    assert_convert_refuses_truncated(tmp_path, capsys, "cut.pth")
 
 
-def test_wrong_magic_and_random_bytes(tmp_path, capsys):
-    data = bytearray(tiny_model_path("v4", "FP16").read_bytes())
-    data[:4] = b"ggjt"
-    (tmp_path / "magic.bin").write_bytes(bytes(data))
-    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
-    (tmp_path / "empty.pth").write_bytes(b"")
-    for name in ("magic.bin", "random.bin", "empty.pth"):
+def test_truncated_rwkv_cpp_file(tmp_path, capsys):
+    data = tiny_model_path("v6", "FP32").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) * 2 // 3])
+    assert_convert_refuses_truncated(tmp_path, capsys, "cut.bin")
+
+
+def assert_convert_and_info_refuse(tmp_path, capsys, names):
+    for name in names:
         dst = tmp_path / "out.safetensors"
         code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
         assert_one_line_error(code, err, name)
         assert_nothing_at(dst)
         code, _, err = run_cli(["info", tmp_path / name], capsys)
         assert_one_line_error(code, err, name)
+
+
+def test_random_bytes_and_empty_file(tmp_path, capsys):
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert_convert_and_info_refuse(tmp_path, capsys, ("random.bin", "empty.pth"))
+
+
+def test_wrong_magic(tmp_path, capsys):
+    data = bytearray(tiny_model_path("v4", "FP16").read_bytes())
+    data[:4] = b"ggjt"
+    (tmp_path / "magic.bin").write_bytes(bytes(data))
+    assert_convert_and_info_refuse(tmp_path, capsys, ("magic.bin",))
 
 
 class _Payload:
@@ -173,7 +188,7 @@ def test_full_disk_simulated(tmp_path, capsys, monkeypatch, small_pth):
     assert_nothing_at(dst2)
 
 
-def test_full_disk_on_a_tiny_tmpfs(tmp_path, capsys):
+def test_full_disk_on_a_tiny_tmpfs(tmp_path, capsys, small_pth):
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
@@ -181,7 +196,8 @@ def test_full_disk_on_a_tiny_tmpfs(tmp_path, capsys):
         pytest.skip("cannot mount a tmpfs here (needs root); the simulated full-disk test covers this")
     try:
         dst = mnt / "out.safetensors"
-        code, _, err = run_cli(["convert", tiny_model_path("v7", "FP32"), dst, "--dtype", "fp32"], capsys)
+        # the fp32 file (about 800 KB) cannot fit in 256 KB
+        code, _, err = run_cli(["convert", small_pth[0], dst, "--dtype", "fp32"], capsys)
         assert_one_line_error(code, err, "out.safetensors", "no space left")
         assert list(mnt.iterdir()) == []
     finally:
@@ -232,9 +248,9 @@ def test_sigterm_mid_conversion_leaves_nothing(tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
-def test_signal_handlers_are_restored_and_never_taken_from_the_program(tmp_path):
+def test_signal_handlers_are_restored_and_never_taken_from_the_program(tmp_path, small_pth):
     from rwkvcpu.quant.convert import convert
-    src = tiny_model_path("v4", "FP16")
+    src = small_pth[0]
     before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
     convert(src, tmp_path / "a.safetensors", dtype="int8", progress=False)
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before
@@ -302,9 +318,10 @@ def test_v7_deepembed_refused(tmp_path, capsys):
     assert_one_line_error(code, err, "x.pth", "blocks.1.att.mystery")
 
 
-def test_rwkvcpu_file_as_source(tmp_path, capsys):
+def test_rwkvcpu_file_as_source(tmp_path, capsys, small_pth):
     dst = tmp_path / "m.safetensors"
-    run_cli(["convert", tiny_model_path("v4", "FP16"), dst, "-q"], capsys)
+    code, _, _ = run_cli(["convert", small_pth[0], dst, "-q"], capsys)
+    assert code == 0 and dst.is_file()
     code, _, err = run_cli(["convert", dst, tmp_path / "again.safetensors"], capsys)
     assert_one_line_error(code, err, "m.safetensors", "already an rwkvcpu model")
     assert_nothing_at(tmp_path / "again.safetensors")

@@ -1,10 +1,16 @@
 """`rwkvcpu info` on every readable input format, and `rwkvcpu convert` end to end."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import rwkvcpu.tokenizers
+
 from conftest import tiny_model_path
 from rwkvcpu.quant.official import random_official_state_dict, write_pth
+
+NEOX_TOKENIZER = Path(rwkvcpu.tokenizers.__file__).parent / "20B_tokenizer.json"
 
 
 def run_cli(args, capsys):
@@ -34,11 +40,14 @@ def test_convert_then_info(tmp_path, capsys):
     assert r["parameters"].startswith("7")          # ~730K, as the file name says
 
 
-def test_info_on_source_formats(tmp_path, capsys):
+def test_info_on_an_rwkv_cpp_file(capsys):
     code, out, _ = run_cli(["info", tiny_model_path("v4", "Q5_1")], capsys)
     r = rows(out)
     assert code == 0 and r["generation"] == "v4" and r["format"] == "rwkv.cpp"
     assert "Q5_1" in r["tensors"] and r["convertible"] == "yes"
+
+
+def test_info_on_pth_files(tmp_path, capsys):
     sd = random_official_state_dict("v6", n_layer=2, n_embd=64, vocab_size=256, head_size=32)
     write_pth(tmp_path / "m.pth", sd)
     code, out, _ = run_cli(["info", tmp_path / "m.pth"], capsys)
@@ -46,18 +55,21 @@ def test_info_on_source_formats(tmp_path, capsys):
     assert code == 0 and r["generation"] == "v6" and r["format"] == "pth"
     assert r["parameters"].startswith(f"{sum(v.size for v in sd.values()):,}")
     assert r["tensors"].startswith(f"{len(sd)}: BF16")
+    assert r["convertible"] == "yes"
     states = {f"blocks.{i}.att.time_state": np.zeros((2, 32, 32), np.float32) for i in range(2)}
     write_pth(tmp_path / "state.pth", states)
     code, out, _ = run_cli(["info", tmp_path / "state.pth"], capsys)
     assert code == 0 and "state-tuning" in rows(out)["format"]
 
 
-def test_embedded_tokenizer_and_eps_from_cli(tmp_path, capsys, shared_dir):
+def test_embedded_tokenizer_and_eps_from_cli(tmp_path, capsys):
+    # any v7 source and the tokenizer.json shipped in the package: no ../shared needed
+    src = write_pth(tmp_path / "m.pth", random_official_state_dict("v7", 2, 64, 256, head_size=32))
     dst = tmp_path / "m.safetensors"
-    tok = shared_dir / "tokenizers" / "20B_tokenizer.json"
-    code, _, err = run_cli(["convert", tiny_model_path("v7", "FP16"), dst, "--dtype", "fp16",
-                            "--tokenizer", tok, "--eps", "1e-5", "-q"], capsys)
+    code, _, err = run_cli(["convert", src, dst, "--dtype", "fp16", "--tokenizer", NEOX_TOKENIZER,
+                            "--eps", "1e-5", "-q"], capsys)
     assert code == 0 and err == ""
     r = rows(run_cli(["info", dst], capsys)[1])
     assert r["tokenizer"] == "embedded" and r["group-norm epsilon"] == "1e-05"
-    assert r["tokenizer_json"].endswith("characters)")
+    n = len(NEOX_TOKENIZER.read_text(encoding="utf-8"))
+    assert r["tokenizer_json"].endswith("characters)") and f"{n:,}" in r["tokenizer_json"]
