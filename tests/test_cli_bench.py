@@ -51,9 +51,14 @@ def test_weight_stream_reads_the_tokens_bytes(tmp_path):
     assert stream.bandwidth(repeats=1) > 1e8
 
 
-def test_bench_rejects_zero_tokens(tiny_v7_file):
-    result = CliRunner().invoke(cli, ["bench", str(tiny_v7_file), "-n", "0"])
-    assert result.exit_code != 0
+@pytest.mark.parametrize("args", [["-n", "0"], ["--prompt", "0"], ["-n", "-3"]])
+def test_bench_rejects_zero_tokens(tiny_v7_file, args, capsys):
+    from rwkvcpu.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_v7_file), *args])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == ""
+    assert out.err == "error: --tokens and --prompt must be at least 1\n"
 
 
 def test_weight_bytes_per_token_counts_one_embedding_row(tiny_v7_file):
