@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import click
@@ -52,6 +53,20 @@ def run_command(session, line: str) -> bool:
     return True
 
 
+def lenient_stdin():
+    """Make stdin carry bytes that are not UTF-8 as surrogate escapes instead of raising.
+
+    Under a UTF-8 locale (or PYTHONIOENCODING=utf-8) Python decodes stdin
+    strictly, and one stray Latin-1 byte would end the chat with a traceback.
+    Escaped, such bytes reach the tokenizer, which encodes them (World and
+    byte vocabularies) or refuses the message in one line (Hugging Face ones).
+    """
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
 def read_message(interactive: bool, user: str):
     """The next line typed or piped in, without its newline; None at the end of input."""
     if interactive:
@@ -96,6 +111,7 @@ def chat(model_path, threads, system, state_path, **options):
         session.load(state_path)
 
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    lenient_stdin()
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -121,12 +137,23 @@ def chat(model_path, threads, system, state_path, **options):
             continue
         if line.startswith("//"):
             line = line[1:]
+        try:
+            reply = session.send(line)
+        except RwkvCpuError as e:
+            # One line, and the conversation goes on as if the line had not been typed.
+            click.echo(f"error: message not sent: {e}", err=True)
+            continue
+        except KeyboardInterrupt:
+            # Ctrl-C while the last reply was folded into the state: the session
+            # closes that turn again with the next message.
+            click.echo("(stopped; message not sent)", err=True)
+            continue
         if not interactive:
             out.write(f"{session.user}: {line.strip()}\n\n")
         out.write(f"{session.assistant}: ")
         out.flush()
         try:
-            for chunk in session.send(line):
+            for chunk in reply:
                 out.write(chunk)
                 out.flush()
         except KeyboardInterrupt:

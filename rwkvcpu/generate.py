@@ -367,7 +367,10 @@ class ChatSession:
         ``state``, ``save``) closes the turn properly either way.
 
         Raises:
-            InvalidArgumentError: the message is empty, or a bad option.
+            InvalidArgumentError: the message is empty or holds text the
+                model's tokenizer cannot read (e.g. bytes that are not UTF-8,
+                for a Hugging Face tokenizer), or a bad option. The
+                conversation is left as it was: send another message.
         """
         text = clean_message(message)
         if not text:
@@ -376,8 +379,15 @@ class ChatSession:
         if sampling:
             params = make_params(params, **sampling)
         params = params.replace(stop=(TURN_END,) + tuple(s for s in params.stop if s != TURN_END))
+        # Tokenized before the last turn is closed: a refused message changes nothing.
+        tokenizer = model_tokenizer(self.model)
+        try:
+            prompt = tokenizer.encode(f"{self.user}: {text}{TURN_END}{self.assistant}:")
+        except InvalidArgumentError:
+            # Say where in the message the problem is, not where in the turn around it.
+            tokenizer.encode(text)
+            raise
         self._close_turn()
-        prompt = f"{self.user}: {text}{TURN_END}{self.assistant}:"
         self._message = text
         self._reply = Generation(self.model, prompt, params, self._state, rng=self._rng,
                                  strip_leading_space=True)
@@ -392,13 +402,15 @@ class ChatSession:
 
     def _close_turn(self):
         """Fold the last reply into the state, ending it with a blank line if it did not."""
-        reply, self._reply = self._reply, None
+        reply = self._reply
         if reply is None:
             return
         state = reply.state
         if reply.stop_string != TURN_END:
             _, state = prefill(self.model, reply.tokenizer.encode(TURN_END), state)
-        self._state = state
+        # Let go of the reply only now: after a Ctrl-C in the model calls above,
+        # the next call closes the same turn again instead of losing it.
+        self._state, self._reply = state, None
         self.history.append((self._message, reply.text.strip()))
 
     @property

@@ -142,3 +142,45 @@ def test_a_reply_does_not_end_before_its_first_visible_character():
     assert chat.ask("x") == "Hi."
     chat.state
     assert m.tokenizer.decode(m.fed) == "User: x\n\nAssistant:\n\n Hi.\n\n"
+
+
+def test_a_refused_message_leaves_the_conversation_as_it_was():
+    m = FakeModel(" Hi there friend.\n\n")
+    chat = ChatSession(m, **GREEDY)
+    reply = chat.send("one")
+    assert next(reply) == "H"                     # turn one still open, its token not yet fed
+    fed = list(m.fed)
+    # a lone surrogate is no character: every tokenizer refuses it, at its place in the message
+    with pytest.raises(InvalidArgumentError, match="U\\+D800 at character 2"):
+        chat.send("ab\ud800")
+    assert m.fed == fed and chat.history == []     # nothing fed, turn one not even closed
+    assert chat.ask("two") == "Hi there friend."
+    assert fed_text(m) == "User: one\n\nAssistant: H\n\nUser: two\n\nAssistant: Hi there friend.\n\n"
+    assert chat.history == [("one", "H"), ("two", "Hi there friend.")]
+
+
+@pytest.mark.parametrize("interrupted_call", [1, 2])
+def test_ctrl_c_while_closing_a_turn_loses_nothing(interrupted_call):
+    """Closing turn one feeds its last token (call 1), then the blank line (call 2);
+    a Ctrl-C in either leaves the turn to be closed by the next message."""
+    m = FakeModel(" Hi there friend.\n\n")
+    chat = ChatSession(m, **GREEDY)
+    reply = chat.send("one")
+    assert next(reply) == "H"
+    forward, calls = m.forward, {"n": 0}
+
+    def ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == interrupted_call:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    m.forward = ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        chat.send("two")
+    m.forward = forward
+    assert chat.ask("two") == "Hi there friend."
+    state = chat.state
+    assert fed_text(m) == "User: one\n\nAssistant: H\n\nUser: two\n\nAssistant: Hi there friend.\n\n"
+    assert state.data[1] == len(m.fed)             # the state holds every token fed, once
+    assert chat.history == [("one", "H"), ("two", "Hi there friend.")]

@@ -131,3 +131,46 @@ def test_subprocess_sigint_stops_only_the_reply(tiny_v7_file):
     out = (seen + out).decode("utf-8", "replace")
     assert p.returncode == 0, err.decode()
     assert "[stopped]" in out
+
+
+@pytest.mark.parametrize("stdin_env", [{}, {"PYTHONIOENCODING": "utf-8"}], ids=["locale", "strict-utf-8"])
+def test_subprocess_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tmp_path, stdin_env):
+    """The shipped model's (Hugging Face) tokenizer reads only UTF-8: a Latin-1 line is refused
+    in one line on stderr, and the chat goes on as if it had never been typed. With
+    PYTHONIOENCODING=utf-8 (as under a UTF-8 locale) Python decodes stdin strictly."""
+    import numpy as np
+    import rwkvcpu
+    from rwkvcpu.generate import ChatSession
+    from rwkvcpu.models import default_model_path
+    from rwkvcpu.state import State
+    path = tmp_path / "s.state"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONIOENCODING"}
+    p = subprocess.run([RWKVCPU, "chat", "-n", "5", *GREEDY],
+                       input=b"Hello\n\xe9t\xe9\nBye\n/save " + bytes(path) + b"\n",
+                       capture_output=True, timeout=300, env=dict(env, **stdin_env))
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in err.splitlines() if "(conversation saved to" not in line]
+    assert len(errors) == 1 and "not valid UTF-8 (byte 0xe9 at offset 0)" in errors[0], err
+    # The same conversation through the API, without the refused line.
+    model = rwkvcpu.load(default_model_path())
+    chat = ChatSession(model, max_tokens=5, temperature=0, presence_penalty=0, frequency_penalty=0)
+    replies = ["".join(chat.send(message)) for message in ("Hello", "Bye")]
+    assert p.stdout.decode("utf-8") == (f"User: Hello\n\nAssistant: {replies[0]}\n\n"
+                                        f"User: Bye\n\nAssistant: {replies[1]}\n\n")
+    # and the same state, to the bit: nothing of the refused line was fed
+    np.testing.assert_array_equal(State.load(path, model).data, chat.state.data)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "error: --threads must be a positive integer, got '0'"),
+    (["--top-p", "0"], "error: top_p must be > 0"),
+    (["--load", "/nonexistent/c.state"], "error: /nonexistent/c.state: no such state file"),
+])
+def test_subprocess_bad_options_are_one_line(args, message):
+    p = subprocess.run([RWKVCPU, "chat", *args], input="Hello\n", capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(message), p.stderr
