@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 
 import click
@@ -10,7 +9,7 @@ import click
 from rwkvcpu.errors import RwkvCpuError
 from rwkvcpu.generate import CHAT_DEFAULTS
 
-from .options import (load_model, model_option, pop_sampling, sampling_options, stop_tokens,
+from .options import (lenient_stdin, load_model, model_option, pop_sampling, sampling_options, stop_tokens,
                       text_stdout, threads_option)
 
 HELP = """\
@@ -51,20 +50,6 @@ def run_command(session, line: str) -> bool:
     else:
         say(f"error: unknown command {name}; /help lists the commands")
     return True
-
-
-def lenient_stdin():
-    """Make stdin carry bytes that are not UTF-8 as surrogate escapes instead of raising.
-
-    Under a UTF-8 locale (or PYTHONIOENCODING=utf-8) Python decodes stdin
-    strictly, and one stray Latin-1 byte would end the chat with a traceback.
-    Escaped, such bytes reach the tokenizer, which encodes them (World and
-    byte vocabularies) or refuses the message in one line (Hugging Face ones).
-    """
-    try:
-        sys.stdin.reconfigure(errors="surrogateescape")
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        pass
 
 
 def read_message(interactive: bool, user: str):

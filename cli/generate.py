@@ -9,7 +9,7 @@ import click
 from rwkvcpu.errors import InvalidArgumentError
 from rwkvcpu.sampling import SamplingParams
 
-from .options import (load_model, model_option, pop_sampling, sampling_options, stop_tokens,
+from .options import (lenient_stdin, load_model, model_option, pop_sampling, sampling_options, stop_tokens,
                       text_stdout, threads_option)
 
 
@@ -19,6 +19,7 @@ def read_prompt(prompt):
         if sys.stdin is None or sys.stdin.isatty():
             raise InvalidArgumentError(
                 'no prompt: give one as an argument (rwkvcpu generate "Once upon a time") or pipe it on stdin')
+        lenient_stdin()
         prompt = sys.stdin.read()
         # `echo text | rwkvcpu generate` should continue "text", not "text\n"
         if prompt.endswith("\n"):

@@ -70,6 +70,20 @@ def unescape(text: str) -> str:
         raise InvalidArgumentError(f"bad backslash escape in {text!r}") from None
 
 
+def lenient_stdin():
+    """Make stdin carry bytes that are not UTF-8 as surrogate escapes instead of raising.
+
+    Under a UTF-8 locale (or PYTHONIOENCODING=utf-8) Python decodes stdin
+    strictly, and one stray Latin-1 byte would end a chat or a piped prompt with a traceback.
+    Escaped, such bytes reach the tokenizer, which encodes them (World and
+    byte vocabularies) or refuses the message in one line (Hugging Face ones).
+    """
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
 def text_stdout():
     """sys.stdout, set to replace characters its encoding cannot show instead of raising.
 

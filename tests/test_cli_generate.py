@@ -172,3 +172,18 @@ def test_help_does_not_load_the_engine(command):
             "print(r.exit_code, 'numba' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "False", "False"], out.stderr
+
+
+def test_subprocess_stdin_bytes_that_are_not_utf8(tiny_v7_file, tiny):
+    """A strict UTF-8 stdin (PYTHONIOENCODING=utf-8, or a UTF-8 locale) must not end in a traceback:
+    the bytes reach the tokenizer, which encodes them (here a byte vocabulary) or refuses them in one line."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    p = subprocess.run([RWKVCPU, "generate", "-m", str(tiny_v7_file), "-n", "8", *GREEDY], input=b"caf\xe9 \n",
+                       capture_output=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode("utf-8") == expected(tiny, [99, 97, 102, 0xE9, 32], 8)
+    p = subprocess.run([RWKVCPU, "generate", "-n", "8"], input=b"caf\xe9 \n", capture_output=True,
+                       timeout=300, env=env)
+    assert p.returncode == 2 and p.stdout == b""
+    assert p.stderr.decode() == ("error: the text is not valid UTF-8 (byte 0xe9 at offset 3) and this model's "
+                                 "tokenizer reads only UTF-8: convert it first (e.g. iconv -f latin1 -t utf-8)\n")
