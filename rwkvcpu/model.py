@@ -105,11 +105,11 @@ class Model:
         """Run tokens through the model.
 
         One token runs the one-token path (matrix-vector products); several run
-        the sequence path (one matrix-matrix product per weight for a block of up
-        to PROMPT_BLOCK tokens, the recurrence token by token). With fp32 and fp16
-        weights both give the same numbers to within 1e-5; with int8/int4 the
-        matrix-vector kernels also round activations to int16 per group, which
-        moves logits by up to ~1e-3.
+        the sequence path (one matrix product per weight for a block of up to
+        PROMPT_BLOCK tokens, the recurrence token by token). Both use the same
+        kernel for each int8/int4 matrix and for fp32/fp16 matrices under 1 MB,
+        so they give the same numbers to the bit there; larger fp32/fp16 matrices
+        take BLAS for a block of tokens, which sums in another order (within 1e-5).
 
         Args:
             tokens: a non-empty sequence of int token ids in [0, vocab_size).
