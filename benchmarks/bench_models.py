@@ -420,8 +420,20 @@ NOTES = [
     "fp32/fp16 use LLVM's own vectorisation (`vfmadd231ps`, `vcvtph2ps`). The int16 activation rounding "
     "changes logits by ~1e-3 at most on the test models, a KL of ~1e-8: far below the weights' own "
     "quantization (the KL column).",
-    "- **Prefill.** Each weight matrix is one GEMM per block of tokens: its rows are split into one block per "
-    "thread; each thread dequantizes ~1 MB tiles into float32 and multiplies with BLAS on that thread.",
+    "- **Prefill.** Each weight matrix is one product per block of tokens. int8/int4 matrices (and fp32/fp16 "
+    "ones under 1 MB) use the same kernel as decoding, looping over the tokens inside each block of 16 rows, "
+    "so a prompt and the same tokens fed one by one give identical logits; larger fp32/fp16 matrices take "
+    "BLAS, their rows split into one block per thread, each thread dequantizing ~1 MB tiles into float32. "
+    "BLAS would prefill int8 faster (211 tokens/s for v7-0.4b in an earlier run, against 187 here): the "
+    "engine gives that up for bit-identical paths.",
+    "- **Quantization on random weights.** The KL column depends on how a model amplifies small changes of "
+    "its weights, and random weights are no trained model: v6-1.6b turns even fp16's 0.02% weight rounding "
+    "into logit changes of 0.2 (KL 2e-4) where v7-0.4b's stay under 0.01. "
+    "`python benchmarks/quant_sensitivity.py v6-1.6b` shows the int8 KL (8.9e-2 over 24 tokens) is the "
+    "weights' own rounding: fp32 kernels on the dequantized int8 weights score the same 8.9e-2, and the int8 "
+    "kernels add a KL of 1e-4 to them (v7-0.4b: 4.5e-4 either way, the kernels adding 1e-8). On trained "
+    "models int8's KL measures 6e-6..5e-4 on the tiny fixtures (bounded in tests/test_quality_quant.py), and "
+    "the shipped model's dev.txt perplexity moves from 25.741 (fp32) to 25.745 (int8).",
     "- **Threads.** BLAS is capped at one thread (threadpoolctl) and GEMMs are split by rwkvcpu's own workers, "
     "which sleep when idle; numba's OpenMP workers spin at most GOMP_SPINCOUNT=20000 polls before sleeping "
     "(the default, 300000, kept them spinning for milliseconds into the next phase). So at most `threads` "
