@@ -282,7 +282,10 @@ def report(results: dict, info: dict, args, elapsed: float) -> str:
     bw = results["bandwidth"]
     n = args.threads
     run = results.setdefault("run", {"command": " ".join(["python benchmarks/bench_models.py", *sys.argv[1:]]),
-                                     "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": round(elapsed / 60)})
+                                     "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": 0})
+    if elapsed:
+        # written after every shape: the date is the first write's, the duration the latest's
+        run["minutes"] = round(elapsed / 60)
     lines = [
         "# Benchmark results",
         "",
