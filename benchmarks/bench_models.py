@@ -185,29 +185,32 @@ def make_models(work: Path, name: str, shape, log) -> dict:
     return paths
 
 
+def logits_of(model, tokens) -> np.ndarray:
+    """(T, V) float64 logits after each token, fed one at a time."""
+    state, rows = None, []
+    for t in tokens:
+        logits, state = model.forward([t], state)
+        rows.append(logits.astype(np.float64))
+    return np.array(rows)
+
+
+def log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def divergence(p_logits, q_logits) -> dict:
+    """Mean KL(p || q) of the rows' distributions, and how often their top-1 tokens agree."""
+    a, b = log_softmax(p_logits), log_softmax(q_logits)
+    return {"kl": float(np.mean(np.sum(np.exp(a) * (a - b), axis=1))),
+            "top1_agree": float(np.mean(a.argmax(1) == b.argmax(1)))}
+
+
 def kl_worker(paths: list, tokens: list) -> dict:
     """Mean KL(fp32 || other) of the next-token distributions over `tokens`, fed one at a time."""
     import rwkvcpu
-
-    def logits_of(path):
-        model = rwkvcpu.load(path)
-        state, rows = None, []
-        for t in tokens:
-            logits, state = model.forward([t], state)
-            rows.append(logits.astype(np.float64))
-        return np.array(rows)
-
-    def log_softmax(z):
-        z = z - z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-    ref = log_softmax(logits_of(paths[0]))
-    out = {}
-    for path in paths[1:]:
-        other = log_softmax(logits_of(path))
-        out[path] = {"kl": float(np.mean(np.sum(np.exp(ref) * (ref - other), axis=1))),
-                     "top1_agree": float(np.mean(ref.argmax(1) == other.argmax(1)))}
-    return out
+    ref = logits_of(rwkvcpu.load(paths[0]), tokens)
+    return {path: divergence(ref, logits_of(rwkvcpu.load(path), tokens)) for path in paths[1:]}
 
 
 def python_overhead(work: Path, threads: int, tokens: int) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import rwkvcpu
+from bench_models import divergence, logits_of
 from rwkvcpu import matrix as M
 
 
@@ -35,26 +36,6 @@ def dequantized(obj):
         items = [dequantized(x) for x in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
-
-
-def logits_of(model, tokens) -> np.ndarray:
-    """(T, V) float64 logits after each token, fed one at a time."""
-    rows, state = [], None
-    for t in tokens:
-        logits, state = model.forward([t], state)
-        rows.append(logits.astype(np.float64))
-    return np.array(rows)
-
-
-def log_softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def kl(p_logits, q_logits) -> float:
-    """Mean KL(p || q) over the rows."""
-    a, b = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(a) * (a - b)).sum(axis=1).mean())
 
 
 def main():
@@ -83,9 +64,10 @@ def main():
     print(f"{args.shape}, {args.tokens} random tokens; fp32 logits' standard deviation {base.std():.2f}")
     for name, z in ((f"{args.dtype} kernels", q), (f"fp32 kernels on the {args.dtype} weights dequantized", dq),
                     ("fp16", f16)):
-        print(f"  {name:45s} KL {kl(base, z):.3e}  top-1 {np.mean(base.argmax(1) == z.argmax(1)):.2f}  "
+        d = divergence(base, z)
+        print(f"  {name:45s} KL {d['kl']:.3e}  top-1 {d['top1_agree']:.2f}  "
               f"max |logit diff| {np.abs(base - z).max():.3f}")
-    print(f"  {args.dtype} kernels vs fp32 kernels on the same weights: KL {kl(dq, q):.2e}, "
+    print(f"  {args.dtype} kernels vs fp32 kernels on the same weights: KL {divergence(dq, q)['kl']:.2e}, "
           f"max |logit diff| {np.abs(q - dq).max():.2e}")
 
 
