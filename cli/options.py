@@ -101,7 +101,7 @@ def text_stdout():
 def model_option(f):
     return click.option(
         "-m", "--model", "model_path", metavar="FILE",
-        help="Model file (.safetensors from `rwkvcpu convert`). Default: the model shipped with rwkvcpu.",
+        help="Model file (.safetensors from `rwkvcpu convert`; a .pth, rwkv.cpp .bin or Hugging Face folder is converted in memory to int8). Default: the model shipped with rwkvcpu.",
     )(f)
 
 
@@ -201,8 +201,7 @@ def resolve_model_path(model_path) -> str:
     path = os.path.expanduser(str(model_path))
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such model file")
-    if os.path.isdir(path):
-        raise ModelFormatError(f"{path}: is a directory, not a model file")
+    # A folder may be a Hugging Face checkpoint: rwkvcpu.load reads it or says why not.
     if not os.access(path, os.R_OK):
         raise ModelFormatError(f"{path}: model file is not readable (permission denied)")
     return path
