@@ -71,3 +71,26 @@ def test_every_case_matches(oracle_runs, tmp_path):
         if not (d_one <= TOL and d_seq <= TOL):
             failures.append(f"{name}: one-by-one {d_one:.2e}, sequence {d_seq:.2e}")
     assert not failures, "; ".join(failures)
+
+
+def report():
+    """Print each case's max |logit difference| from the reference (python test_engine_oracle.py, from tests/)."""
+    import tempfile
+    from pathlib import Path
+    cases = _cases()
+    results = run_oracle([{"sd": sd, "generation": gen, "tokens": tok} for _, gen, sd, tok, _ in cases])
+    print("| case | one by one | sequence |\n| --- | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, ref in zip(cases, results):
+            model = _model(case, Path(tmp))
+            state, one = None, []
+            for t in case[3]:
+                logits, state = model.forward([int(t)], state)
+                one.append(logits)
+            seq, _ = model.forward(case[3], all_logits=True)
+            print(f"| {case[0]} | {np.abs(np.array(one) - ref['one']).max():.1e} | "
+                  f"{np.abs(seq - ref['one']).max():.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    report()
