@@ -22,18 +22,50 @@ million.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from typing import NamedTuple
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import StateMismatchError
+from .errors import RwkvCpuError, StateMismatchError
 
 # Initial value of v4's running exponent: "minus infinity" that stays finite in
 # fp32 arithmetic (exp(-1e38 - p) underflows cleanly to 0).
 V4_PP_INIT = -1e38
+
+
+class StateFileError(RwkvCpuError, OSError):
+    """A state file cannot be written: no such directory, a directory, permission denied, disk full.
+
+    Also an OSError, as the failures it stands for are."""
+
+
+def _reason(e: OSError) -> str:
+    """The cause of a failed file operation, in words a user acts on."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "no space left on the device"
+    if e.errno == errno.EISDIR:
+        return "is a directory"
+    if e.errno == errno.EROFS:
+        return "read-only file system"
+    return (e.strerror or str(e)).lower()
+
+
+def _save_error(path: str, e: OSError) -> StateFileError:
+    folder = os.path.dirname(path) or "."
+    if e.errno == errno.ENOENT:
+        reason = f"no such directory {folder}"
+    elif e.errno == errno.ENOTDIR:
+        reason = f"{folder} is not a directory"
+    else:
+        reason = _reason(e)
+    return StateFileError(f"{path}: cannot save the state: {reason}")
 
 
 class Section(NamedTuple):
@@ -151,20 +183,42 @@ class State:
     def save(self, path) -> None:
         """Write the state to a safetensors file tagged with its model's fingerprint.
 
+        The file is written under a hidden temporary name next to `path`, then
+        renamed, so `path` is either the old file or the whole new one; it gets
+        the permissions of any new file (0666 less the umask).
+
         Args:
-            path: destination file; written to a temporary name, then renamed.
+            path: destination file.
+
+        Raises:
+            StateFileError: the file cannot be written (no such directory, a
+                directory, permission denied, disk full); nothing is left behind.
         """
-        from safetensors.numpy import save_file
-        import os
+        from safetensors.numpy import save as to_bytes
         path = os.fspath(path)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        folder, name = os.path.split(path)
+        if os.path.isdir(path):
+            raise _save_error(path, IsADirectoryError(errno.EISDIR, "Is a directory"))
         meta = {"format": "rwkvcpu-state", "fingerprint": self.fingerprint,
                 "config": json.dumps(self.config.to_metadata(), sort_keys=True)}
+        blob = to_bytes({"state": self.data}, metadata=meta)
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        fd = None
         try:
-            save_file({"state": self.data}, tmp, metadata=meta)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
             os.replace(tmp, path)
+        except OSError as e:
+            raise _save_error(path, e) from None
         finally:
-            if os.path.exists(tmp):
+            if fd is not None:
+                os.close(fd)
+            if os.path.lexists(tmp):
                 os.remove(tmp)
 
     @classmethod
@@ -179,8 +233,17 @@ class State:
             StateMismatchError: the file is not a state, or belongs to another model.
         """
         from safetensors import safe_open
-        import os
         path = os.fspath(path)
+        try:
+            # Plain open first: its OSError says what is wrong (safetensors' does not, for a directory).
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise StateMismatchError(f"{path}: no such state file") from None
+        except IsADirectoryError:
+            raise StateMismatchError(f"{path}: is a directory, not a state file") from None
+        except OSError as e:
+            raise StateMismatchError(f"{path}: cannot read the state file ({_reason(e)})") from None
         try:
             with safe_open(path, "np") as f:
                 meta = f.metadata() or {}

@@ -174,3 +174,19 @@ def test_subprocess_bad_options_are_one_line(args, message):
                        timeout=300)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(message), p.stderr
+
+
+def test_subprocess_save_and_load_failures_are_one_line_and_the_chat_goes_on(tiny_v7_file, tmp_path):
+    missing = tmp_path / "nodir" / "x.state"
+    p = subprocess.run([RWKVCPU, "chat", "-m", str(tiny_v7_file), "-n", "3", *GREEDY],
+                       input=f"Hello\n/save {missing}\n/save {tmp_path}\n/load {tmp_path}\nAgain\n",
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [
+        f"error: {missing}: cannot save the state: no such directory {tmp_path / 'nodir'}",
+        f"error: {tmp_path}: cannot save the state: is a directory",
+        f"error: {tmp_path}: is a directory, not a state file",
+    ]
+    assert "User: Again\n\nAssistant:" in p.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no temporary file left behind"

@@ -99,3 +99,86 @@ def test_100k_tokens_tiny_fixture(stem):
     model = rwkvcpu.load(SHARED / "fixtures" / "tiny-rwkv" / f"{stem}-FP32.bin", dtype="int8")
     rss = _long_run(model, _corpus_bytes(100_000))
     assert rss[-1] - rss[1] < 16, f"RSS grew from {rss[1]:.1f} MB to {rss[-1]:.1f} MB"
+
+
+# ------------------------------------------------------------ state files on disk
+
+def _no_temporaries(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_save_to_a_missing_directory_says_so(tmp_path):
+    from rwkvcpu.errors import RwkvCpuError
+    _, state = _model(tmp_path, "v7").forward([1, 2])
+    dst = tmp_path / "nodir" / "x.state"
+    with pytest.raises(RwkvCpuError) as e:
+        state.save(dst)
+    assert str(e.value) == f"{dst}: cannot save the state: no such directory {tmp_path / 'nodir'}"
+    assert isinstance(e.value, OSError)
+
+
+def test_save_onto_a_directory_says_so_and_leaves_nothing(tmp_path):
+    from rwkvcpu.errors import RwkvCpuError
+    _, state = _model(tmp_path, "v7").forward([1, 2])
+    (tmp_path / "d").mkdir()
+    with pytest.raises(RwkvCpuError) as e:
+        state.save(tmp_path / "d")
+    assert str(e.value) == f"{tmp_path / 'd'}: cannot save the state: is a directory"
+    assert _no_temporaries(tmp_path) and list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (PermissionError(13, "Permission denied"), "permission denied"),
+    (OSError(28, "No space left on device"), "no space left on the device"),
+])
+def test_save_failures_are_ours_and_leave_no_temporary(tmp_path, monkeypatch, failure, reason):
+    """A full disk (or a write refused) midway: our error, and the temporary file removed.
+    Simulated at os.write, since the tests may run as root and on a roomy disk."""
+    import os
+    from rwkvcpu.errors import RwkvCpuError
+    _, state = _model(tmp_path, "v7").forward([1, 2])
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def failing_write(fd, data):
+        raise failure
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(RwkvCpuError, match=f"^{folder / 's.state'}: cannot save the state: {reason}$"):
+        state.save(folder / "s.state")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into a read-only folder")
+def test_save_into_a_read_only_folder_says_permission_denied(tmp_path):
+    from rwkvcpu.errors import RwkvCpuError
+    _, state = _model(tmp_path, "v7").forward([1, 2])
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(RwkvCpuError, match="cannot save the state: permission denied$"):
+            state.save(folder / "s.state")
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_state_has_the_permissions_of_a_new_file(tmp_path, umask):
+    """0666 less the umask, like any file a program creates (not a temporary file's 0600)."""
+    import os
+    _, state = _model(tmp_path, "v7").forward([1, 2])
+    old = os.umask(umask)
+    try:
+        state.save(tmp_path / "s.state")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.state").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert _no_temporaries(tmp_path)
+
+
+def test_load_of_a_directory_says_it_is_a_directory(tmp_path):
+    model = _model(tmp_path, "v7")
+    with pytest.raises(StateMismatchError) as e:
+        State.load(tmp_path, model)
+    assert str(e.value) == f"{tmp_path}: is a directory, not a state file"
