@@ -163,3 +163,15 @@ def test_state_dict_of_a_module_and_other_dtypes(tmp_path):
     torch.save({"step": torch.zeros(3, dtype=torch.int64)}, tmp_path / "i.pth")
     with pytest.raises(ModelFormatError, match="int64 tensors"):
         PthSource(tmp_path / "i.pth")
+
+
+def test_format_doc_lists_every_allowed_global():
+    """docs/FORMAT.md names exactly the globals the restricted unpickler allows."""
+    import re
+    from pathlib import Path
+
+    from rwkvcpu.quant.readers.pth import ALLOWED
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md").read_text(encoding="utf-8")
+    section = doc.split("### Official `.pth` without torch", 1)[1].split("\n#", 1)[0]
+    listed = set(re.findall(r"`((?:torch|collections)[\w.]*)\.(\w+)`", section))
+    assert listed == set(ALLOWED)
