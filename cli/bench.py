@@ -11,7 +11,7 @@ from .options import INT, threads_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True))
 @threads_option
 @click.option("-n", "--tokens", type=INT, default=200, show_default=True, metavar="N",
               help="Decode steps timed (the median is reported).")
@@ -24,6 +24,9 @@ from .options import INT, threads_option
 def bench(model_path, threads, tokens, prompt_tokens, no_bandwidth, as_json):
     """Time MODEL: load, first token, decode and prompt speed, peak memory,
     and decode against the memory-bandwidth floor (the roofline).
+
+    MODEL is a .safetensors file from `rwkvcpu convert`: convert other
+    checkpoints first, since the figures are the file's.
 
     Decoding one token reads every weight once, so it cannot beat
     (bytes of weights) / (memory bandwidth); the bandwidth is measured while

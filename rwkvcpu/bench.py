@@ -143,6 +143,27 @@ def weight_bytes_per_token(path) -> int:
     return total + (emb // vocab if vocab else 0)
 
 
+def require_model_file(path) -> None:
+    """Refuse anything but an rwkvcpu .safetensors file, in one line that says how to make one.
+
+    Other checkpoints (.pth, rwkv.cpp .bin, Hugging Face folders) would be converted
+    in memory: the weights a token reads would then not be the file's, and the
+    file size, the bytes per token and the streamed bandwidth would measure
+    the wrong thing."""
+    from pathlib import Path
+
+    from .errors import ModelFormatError
+    from .io import is_model_file
+
+    path = os.fspath(path)
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        raise ModelFormatError(f"{path}: cannot read (permission denied)")
+    if os.path.isdir(path) or not is_model_file(path):
+        dst = Path(path).with_suffix("").name + "-int8.safetensors"
+        raise ModelFormatError(f"{path}: bench measures an rwkvcpu .safetensors file: "
+                               f"convert it first with rwkvcpu convert {path} {dst} --dtype int8")
+
+
 def peak_rss_bytes() -> int:
     """The largest resident set of this process.
 
@@ -174,7 +195,8 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
     runs on the machine).
 
     Args:
-        path: an rwkvcpu .safetensors file.
+        path: an rwkvcpu .safetensors file (anything else: ModelFormatError, see
+            require_model_file).
         threads: as rwkvcpu.load (None: one per physical core).
         decode_tokens: timed decode steps; the median is reported.
         warmup_tokens: untimed steps before them.
@@ -191,6 +213,7 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
         prompt_tokens, peak_rss_bytes.
     """
     start = time.perf_counter() if start is None else start
+    require_model_file(path)
     import rwkvcpu
     from . import threads as thread_control
 

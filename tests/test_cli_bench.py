@@ -77,3 +77,26 @@ def test_roofline():
     r = bench.roofline({"weight_bytes_per_token": 1e9, "decode_ms": 100.0}, 20e9)
     assert r["roofline_ms"] == pytest.approx(50.0) and r["roofline_pct"] == pytest.approx(50.0)
     assert np.isclose(r["bandwidth_gbs"], 20.0)
+
+
+def test_bench_refuses_other_checkpoints_in_one_line(tmp_path):
+    """bench's figures are the file's (its size, the bytes a token reads, streamed for the
+    bandwidth): a .pth, a foreign safetensors file or a folder is refused with the way out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    rwkvcpu_exe = str(Path(sys.executable).parent / "rwkvcpu")
+    pth = tmp_path / "some.pth"
+    write_pth(pth, random_official_state_dict("v7", 2, 64, 256, seed=1))
+    foreign = tmp_path / "hf.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"w": np.zeros(4, np.float32)}, str(foreign))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for src, dst in ((pth, "some-int8.safetensors"), (foreign, "hf-int8.safetensors"),
+                     (folder, "folder-int8.safetensors")):
+        p = subprocess.run([rwkvcpu_exe, "bench", str(src)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr == (f"error: {src}: bench measures an rwkvcpu .safetensors file: "
+                            f"convert it first with rwkvcpu convert {src} {dst} --dtype int8\n")
