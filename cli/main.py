@@ -22,6 +22,10 @@ COMMANDS = {
     "bench": ("rwkvcpu.cli.bench", "bench"),
 }
 
+# Bare `rwkvcpu`: click >= 8.2 raises this usage error where 8.1 printed the help and exited 0.
+# (An empty tuple where it does not exist: an except clause that catches nothing.)
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
@@ -54,6 +58,10 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except NO_ARGS_IS_HELP as e:
+        # No command: the help, as `rwkvcpu --help` prints it; nothing went wrong.
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
     except click.UsageError as e:
         # One line, as for every other bad input: what is wrong and where to look.
         where = e.ctx.command_path if e.ctx is not None else "rwkvcpu"

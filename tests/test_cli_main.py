@@ -33,6 +33,13 @@ def test_help_lists_every_command_and_exits_0():
         assert f"  {name}" in p.stdout
 
 
+def test_bare_command_prints_the_help_to_stdout_and_exits_0():
+    bare = subprocess.run([RWKVCPU], capture_output=True, text=True, timeout=120)
+    helped = subprocess.run([RWKVCPU, "--help"], capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 0 and bare.stderr == "", bare.stderr
+    assert bare.stdout == helped.stdout and bare.stdout.startswith("Usage: rwkvcpu")
+
+
 def test_wrong_flag_as_a_real_process():
     p = subprocess.run([RWKVCPU, "info", "--bogus"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
