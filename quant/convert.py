@@ -228,23 +228,45 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
     return job.metadata, tensors
 
 
-def _check_destination(src, dst) -> Path:
-    dst = Path(dst)
-    if dst.is_dir():
-        raise ConversionError(f"{dst}: is a directory; give the output file's name")
-    if not dst.parent.exists():
-        raise ConversionError(f"{dst}: directory {dst.parent} does not exist")
-    if not os.access(dst.parent, os.W_OK):
-        raise ConversionError(f"{dst}: directory {dst.parent} is not writable")
-    src = Path(src)
-    same = src.resolve() == dst.resolve()
-    if not same and dst.exists() and src.exists():
-        try:
-            same = os.path.samefile(src, dst)
-        except OSError:
-            pass
-    if same:
-        raise ConversionError(f"{dst}: is the source itself; choose another output file")
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal once resolved, or one inode (hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        # One of them does not exist (yet): then they are not the same file.
+        return False
+
+
+def _inputs(src, state, tokenizer) -> list:
+    """Every file the conversion reads, as (what it is, path)."""
+    from .readers import input_files
+
+    out = []
+    for role, f in input_files(src):
+        out.append(("the source itself" if role == "the file" else f"{role} of the source folder {src}", f))
+    if state is not None:
+        out += [("the state-tuning file (--state)" if role == "the file" else
+                 f"{role} of the state-tuning folder {state} (--state)", f) for role, f in input_files(state)]
+    if tokenizer is not None and str(tokenizer) not in TOKENIZER_NAMES:
+        out.append(("the tokenizer.json given with --tokenizer", Path(tokenizer)))
+    return out
+
+
+def _check_destination(src, dst, state=None, tokenizer=None) -> Path:
+    """Refuse a destination that is not a regular file, or is a file the conversion reads.
+
+    Conversion replaces DST only once it has read everything, but a DST that is
+    one of its inputs would still lose the user's file, so it is refused before
+    anything is read.
+    """
+    from .writer import check_destination
+
+    dst = check_destination(dst)
+    for role, f in _inputs(src, state, tokenizer):
+        if _same_file(f, dst):
+            raise ConversionError(f"{dst}: is {role}, which this conversion reads; choose another output file")
     return dst
 
 
@@ -256,7 +278,11 @@ def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=Tr
         src: official .pth, rwkv.cpp .bin, .safetensors, or Hugging Face folder.
         dst: output path; written atomically (temporary file + rename). An
             error, Ctrl-C, SIGTERM or SIGHUP leaves nothing there (see
-            terminate_after_cleanup).
+            terminate_after_cleanup). Refused when it exists and is not a
+            regular file (also behind a symbolic link), or when it is one of
+            the files read (the source, a folder's weight, index or config
+            file, the state file, the tokenizer.json). A symbolic link to a
+            regular file is replaced by the new file; its target is kept.
         dtype: "fp32", "fp16", "int8" or "int4".
         group_norm_eps: override of the ln_x epsilon (None: the source's own).
         tokenizer: None (by vocabulary size), a built-in name, or a tokenizer.json path.
@@ -272,7 +298,7 @@ def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=Tr
         >>> convert("tiny-rwkv-7v0-834K-FP32.bin", "tiny7-int8.safetensors", dtype="int8")["generation"]
         'v7'
     """
-    dst = _check_destination(src, dst)
+    dst = _check_destination(src, dst, state, tokenizer)
     with terminate_after_cleanup():
         job = _prepare(src, dtype=dtype, group_norm_eps=group_norm_eps, tokenizer=tokenizer, state=state,
                        eos_token_id=eos_token_id)

@@ -11,7 +11,11 @@ between tensors, so ordering, not padding, provides the alignment.)
 The file is written under a temporary name beside the destination and renamed
 into place only when complete; on any error or Ctrl-C the temporary file is
 removed and the destination is untouched. Space for the whole file is
-reserved before the first tensor, so a full disk fails fast.
+reserved before the first tensor, so a full disk fails fast. Only a regular
+file (or nothing) is ever replaced: a directory, device, named pipe or socket
+at the destination, also behind a symbolic link, is refused before anything
+is written (check_destination). A symbolic link to a regular file is replaced
+by the new file, as `mv` would; the file it pointed to is left untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -78,6 +83,54 @@ def header_bytes(entries, metadata: dict) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+# What a non-regular file is, for messages; anything else is "a special file".
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_destination(dst) -> Path:
+    """Refuse an output path that cannot take a new regular file.
+
+    Args:
+        dst: the output path.
+
+    Returns:
+        dst as a Path.
+
+    Raises:
+        ConversionError: dst exists and is not a regular file (after following
+            symbolic links), or its directory is missing or not writable.
+
+    Example:
+        >>> check_destination("out.safetensors")
+        PosixPath('out.safetensors')
+    """
+    dst = Path(dst)
+    try:
+        mode = os.stat(dst).st_mode
+    except FileNotFoundError:
+        # Nothing there (or a dangling symbolic link, which is replaced like any link).
+        mode = None
+    except OSError as e:
+        raise ConversionError(f"{dst}: cannot inspect the output path ({e.strerror})") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = next((k for test, k in _KINDS if test(mode)), "a special file")
+        if stat.S_ISDIR(mode) and not dst.is_symlink():
+            raise ConversionError(f"{dst}: is a directory; give the output file's name")
+        via = f"a symbolic link to {kind} ({os.path.realpath(dst)})" if dst.is_symlink() else kind
+        raise ConversionError(f"{dst}: is {via}, not a regular file; refusing to replace it, "
+                              f"give the output file's name")
+    parent = dst.parent
+    if not parent.exists():
+        raise ConversionError(f"{dst}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ConversionError(f"{dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ConversionError(f"{dst}: directory {parent} is not writable")
+    return dst
+
+
 def _no_space(dst, total):
     return ConversionError(
         f"{dst}: no space left on the device ({total / 1e6:.1f} MB needed); nothing was written")
@@ -94,7 +147,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, dst, metadata: dict, specs):
-        self.dst = Path(dst)
+        self.dst = check_destination(dst)
         self.entries = {e.name: e for e in layout(specs)}
         self._header = header_bytes(self.entries.values(), metadata)
         self._data_start = len(self._header)

@@ -2,6 +2,7 @@
 exit code 2, no traceback, and nothing left at DST."""
 
 import errno
+import json
 import os
 import pickle
 import signal
@@ -341,3 +342,84 @@ def test_bad_eps(tmp_path, capsys, small_pth):
         code, _, err = run_cli(["convert", small_pth[0], dst, "--eps", eps], capsys)
         assert_one_line_error(code, err, frag)
         assert_nothing_at(dst)
+
+
+def test_destination_that_is_not_a_regular_file_is_kept(tmp_path, capsys, small_pth):
+    """A named pipe, or a symbolic link to one or to a directory, is refused and left as it was."""
+    import stat
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "to-pipe").symlink_to(fifo)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "to-dir").symlink_to(tmp_path / "dir")
+    for name, frag in (("pipe", "is a named pipe (FIFO), not a regular file"),
+                       ("to-pipe", "is a symbolic link to a named pipe (FIFO)"),
+                       ("to-dir", "is a symbolic link to a directory")):
+        code, _, err = run_cli(["convert", small_pth[0], tmp_path / name], capsys)
+        assert_one_line_error(code, err, tmp_path / name, frag)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and (tmp_path / "to-pipe").is_symlink()
+    assert (tmp_path / "to-dir").is_symlink() and list((tmp_path / "dir").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_symbolic_link_to_a_regular_file_is_replaced_and_its_target_kept(tmp_path, capsys, small_pth):
+    target = tmp_path / "old.safetensors"
+    target.write_bytes(b"previous contents")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    code, _, err = run_cli(["convert", small_pth[0], link, "-q"], capsys)
+    assert code == 0, err
+    assert not link.is_symlink() and link.stat().st_size > 1000
+    assert target.read_bytes() == b"previous contents"
+
+
+def test_destination_among_the_files_read(tmp_path, capsys):
+    """DST may be none of the inputs: a folder's weight, index or config file, the state, the tokenizer."""
+    from safetensors.numpy import save_file
+
+    full = random_official_state_dict("v6", n_layer=2, n_embd=64, vocab_size=256, head_size=32, time_state=True)
+    states = {k: v for k, v in full.items() if k.endswith("att.time_state")}
+    model = {k: v for k, v in full.items() if k not in states}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["Rwkv6ForCausalLM"]}')
+    save_file(model, folder / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(model)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for f, ks in shards.items():
+        save_file({k: model[k] for k in ks}, sharded / f)
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    pth = write_pth(tmp_path / "m.pth", model)
+    write_pth(tmp_path / "st.pth", states)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(json.dumps(_byte_tokenizer_json()))
+    (tmp_path / "hard-link.pth").hardlink_to(tmp_path / "st.pth")
+    cases = (
+        ([folder, folder / "model.safetensors"], "is a weight file of the source folder"),
+        ([folder, folder / "config.json"], "is the config.json of the source folder"),
+        ([sharded, sharded / "b.safetensors"], "is a weight file of the source folder"),
+        ([sharded, sharded / "model.safetensors.index.json"], "is the shard index of the source folder"),
+        ([pth, tmp_path / "st.pth", "--state", tmp_path / "st.pth"], "is the state-tuning file (--state)"),
+        ([pth, tmp_path / "hard-link.pth", "--state", tmp_path / "st.pth"], "is the state-tuning file (--state)"),
+        ([pth, tok, "--tokenizer", tok], "is the tokenizer.json given with --tokenizer"),
+    )
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for args, frag in cases:
+        code, _, err = run_cli(["convert", *args], capsys)
+        assert_one_line_error(code, err, args[1], frag, "which this conversion reads")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # the same inputs convert to another file
+    code, _, err = run_cli(["convert", folder, tmp_path / "ok.safetensors", "-q"], capsys)
+    assert code == 0, err
+
+
+def _byte_tokenizer_json():
+    """A Hugging Face tokenizer.json of 256 byte tokens (fits a vocabulary-256 model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0x00>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return json.loads(tok.to_str())

@@ -61,3 +61,17 @@ def open_source(path) -> Source:
     if p.is_dir():
         return hf.open_folder(p, _open_file)
     return hf.to_official(_open_file(p))
+
+
+def input_files(path) -> list:
+    """Every file opening `path` reads, as (what it is, path), without reading them.
+
+    A file is just itself ("the file"); a Hugging Face folder lists its
+    config.json, shard index and weight files (see hf.folder_files).
+    """
+    from . import hf
+
+    p = Path(path)
+    if p.is_dir():
+        return hf.folder_files(p)
+    return [("the file", p)]

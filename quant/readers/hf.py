@@ -175,7 +175,8 @@ def _config(path: Path) -> dict:
         raise ModelFormatError(f"{cfg}: unreadable config.json ({e})") from None
 
 
-def _weight_files(path: Path) -> list:
+def _weight_files(path: Path) -> tuple:
+    """(weight files to read, the shard index naming them or None) of a folder."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
@@ -188,11 +189,26 @@ def _weight_files(path: Path) -> list:
             missing = [f for f in files if not f.is_file()]
             if missing:
                 raise ModelFormatError(f"{missing[0]}: shard listed in {index_name} is missing")
-            return files
+            return files, index
         if (path / single).is_file():
-            return [path / single]
-    files = sorted(path.glob("*.safetensors"))
-    return files
+            return [path / single], None
+    return sorted(path.glob("*.safetensors")), None
+
+
+def folder_files(path) -> list:
+    """Every file `open_folder` reads, as (what it is, path), without opening any.
+
+    Example:
+        >>> folder_files("rwkv7-0.1b-hf")
+        [('the config.json', PosixPath('rwkv7-0.1b-hf/config.json')),
+         ('a weight file', PosixPath('rwkv7-0.1b-hf/model.safetensors'))]
+    """
+    path = Path(path)
+    out = [("the config.json", path / "config.json")] if (path / "config.json").is_file() else []
+    files, index = _weight_files(path)
+    if index is not None:
+        out.append(("the shard index", index))
+    return out + [("a weight file", f) for f in files]
 
 
 def open_folder(path, open_file) -> Source:
@@ -211,7 +227,7 @@ def open_folder(path, open_file) -> Source:
     if archs and not any(a in RWKV_ARCHITECTURES for a in archs):
         raise UnsupportedModelError(
             f"{path}: config.json names {', '.join(archs)}, not RWKV; rwkvcpu converts RWKV v4-v7 only")
-    files = _weight_files(path)
+    files, index = _weight_files(path)
     if not files:
         raise ModelFormatError(
             f"{path}: folder has no model.safetensors, pytorch_model.bin or *.safetensors to read")
