@@ -16,8 +16,8 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
               help="Group-norm epsilon of ln_x to record (default: the source's own; "
                    "official v5-v7 64e-5, rwkv.cpp v5 1e-5).")
 @click.option("--tokenizer", default=None, metavar="NAME|PATH",
-              help="world, neox-20b, bytes, or a tokenizer.json to embed "
-                   "(default: chosen by vocabulary size).")
+              help="world, neox-20b, bytes, or a tokenizer.json to embed, of at most as many tokens "
+                   "as the model has logits (default: chosen by vocabulary size).")
 @click.option("--state", default=None, metavar="FILE",
               help="State-tuning file (blocks.N.att.time_state) to store as the initial state.")
 @click.option("--eos-token-id", "eos", default=None, metavar="ID",

@@ -48,27 +48,46 @@ QUANT_SCHEMES = {
 QUANT_SCHEME_TAIL = "; vectors, low-rank matrices and states float32"
 
 
-def resolve_tokenizer(tokenizer, vocab_size: int) -> tuple:
+def resolve_tokenizer(tokenizer, vocab_size: int, path="the model") -> tuple:
     """(name, tokenizer.json text or None) to record in the metadata.
+
+    The tokenizer is loaded and checked against the vocabulary by the rule the
+    engine applies when it loads the file (tokenizers.vocab_mismatch), so a
+    file that converts is a file that generates.
 
     Args:
         tokenizer: None (pick by vocabulary size), a built-in name, or a path to
             a Hugging Face tokenizer.json to embed.
         vocab_size: the model's vocabulary size.
+        path: the source, for messages.
     """
+    from rwkvcpu.tokenizers import load_tokenizer, vocab_mismatch
+
     if tokenizer is None:
-        if vocab_size in TOKENIZER_BY_VOCAB:
-            return TOKENIZER_BY_VOCAB[vocab_size], None
-        raise ConversionError(
-            f"a vocabulary of {vocab_size} tokens matches no built-in tokenizer; pass --tokenizer "
-            f"{'|'.join(TOKENIZER_NAMES)} or the path of a tokenizer.json")
-    name = str(tokenizer)
-    if name in TOKENIZER_NAMES:
-        return name, None
-    path = Path(name)
+        if vocab_size not in TOKENIZER_BY_VOCAB:
+            raise ConversionError(
+                f"{path}: a vocabulary of {vocab_size} tokens matches no built-in tokenizer; pass --tokenizer "
+                f"{'|'.join(TOKENIZER_NAMES)} or the path of a tokenizer.json (of at most {vocab_size} tokens)")
+        name, text = TOKENIZER_BY_VOCAB[vocab_size], None
+    elif str(tokenizer) in TOKENIZER_NAMES:
+        name, text = str(tokenizer), None
+    else:
+        name, text = "embedded", _read_tokenizer_json(Path(tokenizer))
+    loaded = load_tokenizer({"tokenizer": name, **({"tokenizer_json": text} if text else {})})
+    what = f"the tokenizer in {tokenizer}" if text else f"the {name} tokenizer"
+    problem = vocab_mismatch(loaded, vocab_size, what)
+    if problem:
+        fits = TOKENIZER_BY_VOCAB.get(vocab_size)
+        hint = (f"pass --tokenizer {fits} (the default for this vocabulary)" if fits else
+                f"pass a tokenizer of at most {vocab_size} tokens")
+        raise ConversionError(f"{path}: {problem}; {hint}")
+    return name, text
+
+
+def _read_tokenizer_json(path: Path) -> str:
     if not path.is_file():
         raise ConversionError(
-            f"tokenizer {name!r} is neither {', '.join(TOKENIZER_NAMES)} nor an existing tokenizer.json file")
+            f"tokenizer {str(path)!r} is neither {', '.join(TOKENIZER_NAMES)} nor an existing tokenizer.json file")
     try:
         text = path.read_text(encoding="utf-8")
         json.loads(text)
@@ -76,7 +95,7 @@ def resolve_tokenizer(tokenizer, vocab_size: int) -> tuple:
         Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 - any parse failure means the same to the user
         raise ConversionError(f"{path}: not a usable Hugging Face tokenizer.json ({str(e)[:120]})") from None
-    return "embedded", text
+    return text
 
 
 def sha256_of(paths) -> str:
@@ -169,7 +188,7 @@ def _prepare(src, *, dtype, group_norm_eps, tokenizer, state, eos_token_id) -> _
     formats.get_format(dtype)
     source, config = open_model(src, group_norm_eps=group_norm_eps, state=state)
     try:
-        tok_name, tok_json = resolve_tokenizer(tokenizer, config.vocab_size)
+        tok_name, tok_json = resolve_tokenizer(tokenizer, config.vocab_size, source.path)
         eos = check_eos_token_id(eos_token_id, config.vocab_size)
         config = config.replace(tokenizer=tok_name)
         planned = canonical.plan(source, config, dtype)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import struct
 
 from pathlib import Path
@@ -145,14 +146,29 @@ def test_every_tensor_is_aligned_to_its_itemsize(tmp_path, dtype, source):
     assert all(x[1] == y[0] for x, y in zip(ends, ends[1:]))     # no gaps, no overlap
 
 
+def byte_tokenizer_json():
+    """A Hugging Face tokenizer.json of 256 tokens, which fits a vocabulary-256 model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"<0x{i:02X}>": i for i in range(256)}, unk_token="<0x00>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_tokenizer_choice_and_embedding(tmp_path, source):
     path = byte_level_source(source, "v7", tmp_path)
-    assert read_checkpoint(path, dtype="fp32", tokenizer="world")[0]["tokenizer"] == "world"
-    tok = NEOX_TOKENIZER
+    assert read_checkpoint(path, dtype="fp32", tokenizer="bytes")[0]["tokenizer"] == "bytes"
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(byte_tokenizer_json(), encoding="utf-8")
     meta = convert(path, tmp_path / "m.safetensors", dtype="fp16", tokenizer=str(tok), progress=False)
     assert meta["tokenizer"] == "embedded"
     assert json.loads(meta["tokenizer_json"]) == json.loads(tok.read_text(encoding="utf-8"))
+    # a tokenizer with more tokens than the model has logits is refused, whatever its kind
+    for given, what in (("world", "the world tokenizer has 65536"), ("neox-20b", "the neox-20b tokenizer has 50277"),
+                        (str(NEOX_TOKENIZER), f"the tokenizer in {NEOX_TOKENIZER} has 50277")):
+        with pytest.raises(ConversionError, match="^" + re.escape(
+                f"{path}: {what} tokens but the model only 256 logits; pass --tokenizer bytes")):
+            read_checkpoint(path, tokenizer=given)
     with pytest.raises(ConversionError, match="neither world, neox-20b, bytes nor an existing"):
         read_checkpoint(path, tokenizer="gpt2")
     (tmp_path / "bad.json").write_text("{not json")

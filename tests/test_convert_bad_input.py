@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_path
+from test_convert import byte_tokenizer_json
 from rwkvcpu.quant.official import random_official_state_dict, write_pth
 
 RWKVCPU = str(Path(sys.executable).parent / "rwkvcpu")
@@ -395,7 +396,7 @@ def test_destination_among_the_files_read(tmp_path, capsys):
     pth = write_pth(tmp_path / "m.pth", model)
     write_pth(tmp_path / "st.pth", states)
     tok = tmp_path / "tokenizer.json"
-    tok.write_text(json.dumps(_byte_tokenizer_json()))
+    tok.write_text(byte_tokenizer_json())
     (tmp_path / "hard-link.pth").hardlink_to(tmp_path / "st.pth")
     cases = (
         ([folder, folder / "model.safetensors"], "is a weight file of the source folder"),
@@ -416,10 +417,25 @@ def test_destination_among_the_files_read(tmp_path, capsys):
     assert code == 0, err
 
 
-def _byte_tokenizer_json():
-    """A Hugging Face tokenizer.json of 256 byte tokens (fits a vocabulary-256 model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {f"<0x{i:02X}>": i for i in range(256)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0x00>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return json.loads(tok.to_str())
+
+def test_tokenizer_that_does_not_fit_the_vocabulary(tmp_path, capsys, small_pth):
+    """Refused at conversion, by the rule generate applies, naming the source; nothing written."""
+    dst = tmp_path / "o.safetensors"
+    code, _, err = run_cli(["convert", small_pth[0], dst, "--tokenizer", "world"], capsys)
+    assert_one_line_error(code, err, f"{small_pth[0]}: the world tokenizer has 65536 tokens but the model only "
+                                     f"256 logits; pass --tokenizer bytes (the default for this vocabulary)")
+    assert_nothing_at(dst)
+
+
+def test_vocabulary_without_a_built_in_tokenizer(tmp_path, capsys):
+    sd = random_official_state_dict("v7", n_layer=2, n_embd=64, vocab_size=300, head_size=32)
+    src = write_pth(tmp_path / "rv7.pth", sd)
+    dst = tmp_path / "x.safetensors"
+    code, _, err = run_cli(["convert", src, dst], capsys)
+    assert_one_line_error(code, err, f"{src}: a vocabulary of 300 tokens matches no built-in tokenizer; "
+                                     f"pass --tokenizer world|neox-20b|bytes or the path of a tokenizer.json "
+                                     f"(of at most 300 tokens)")
+    assert_nothing_at(dst)
+    # a smaller tokenizer fits a padded vocabulary
+    code, _, err = run_cli(["convert", src, dst, "--tokenizer", "bytes", "-q"], capsys)
+    assert code == 0 and dst.is_file(), err

@@ -86,11 +86,34 @@ def load_tokenizer(metadata: Mapping[str, str]) -> Tokenizer:
     eos = metadata.get("eos_token_id")
     if eos is not None and eos != "":
         tokenizer = _with_eos(tokenizer, eos)
-    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise ModelFormatError(
-            f"the {name} tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{vocab_size} logits; the file's tokenizer metadata is wrong")
+    problem = vocab_mismatch(tokenizer, vocab_size, f"the {name} tokenizer")
+    if problem:
+        raise ModelFormatError(f"{problem}; the file's tokenizer metadata is wrong")
     return tokenizer
+
+
+def vocab_mismatch(tokenizer: Tokenizer, vocab_size, what: str):
+    """Why `tokenizer` cannot serve a model of `vocab_size` logits, or None when it can.
+
+    Every id the tokenizer produces must index a logit, so it may have at most
+    as many tokens as the model has logits (a model may pad its vocabulary).
+    The loader (load_tokenizer) and the converter both apply this one rule.
+
+    Args:
+        tokenizer: the tokenizer.
+        vocab_size: the model's vocabulary (number of logits); None: unknown, no check.
+        what: how the message names the tokenizer ("the world tokenizer").
+
+    Returns:
+        None, or a message such as "the world tokenizer has 65536 tokens but the model only 256 logits".
+
+    Example:
+        >>> vocab_mismatch(ByteTokenizer(), 256, "the bytes tokenizer") is None
+        True
+    """
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        return f"{what} has {tokenizer.vocab_size} tokens but the model only {vocab_size} logits"
+    return None
 
 
 def _with_eos(tokenizer: Tokenizer, eos: str) -> Tokenizer:
@@ -109,5 +132,5 @@ def _with_eos(tokenizer: Tokenizer, eos: str) -> Tokenizer:
     return tokenizer
 
 
-__all__ = ["load_tokenizer", "world_tokenizer", "Tokenizer", "StreamDecoder", "ByteStreamDecoder",
+__all__ = ["load_tokenizer", "vocab_mismatch", "world_tokenizer", "Tokenizer", "StreamDecoder", "ByteStreamDecoder",
            "TextStreamDecoder", "ByteTokenizer", "TOKENIZER_NAMES"]
