@@ -266,8 +266,10 @@ def plan(source, config: ModelConfig, dtype: str) -> list:
         if src_name not in infos:
             if optional:
                 continue
+            # Name the canonical tensor only where the source calls it something else.
+            for_what = f" for {name} {shape}" if src_name != name else f", with shape {shape}"
             raise ModelFormatError(
-                f"{path}: tensor {src_name} is missing (needed for {name} {shape} of a {config.generation} model)")
+                f"{path}: tensor {src_name} is missing (a {config.generation} model needs it{for_what})")
         used.add(src_name)
         src_shape = infos[src_name].shape
         _check_size(path, src_name, src_shape, rule, shape, kind, config)

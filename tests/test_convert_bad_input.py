@@ -127,6 +127,8 @@ def test_missing_and_misshapen_tensors(tmp_path, capsys, small_pth):
         dst = tmp_path / "out.safetensors"
         code, _, err = run_cli(["convert", tmp_path / name, dst], capsys)
         assert_one_line_error(code, err, name, frag)
+        # the tensor is named once, not again as what it is needed for
+        assert err.count(frag.split()[0]) == 1, err
         assert_nothing_at(dst)
 
 
