@@ -9,8 +9,8 @@ import click
 from rwkvcpu.errors import RwkvCpuError
 from rwkvcpu.generate import CHAT_DEFAULTS
 
-from .options import (lenient_stdin, load_model, model_option, pop_sampling, sampling_options, stop_tokens,
-                      text_stdout, threads_option)
+from .options import (lenient_stdin, load_model, model_option, pop_sampling, sampling_options, text_stdout,
+                      threads_option)
 
 HELP = """\
 Commands:
@@ -84,14 +84,11 @@ def chat(model_path, threads, system, state_path, **options):
     \b
       printf 'Hi!\\nTell me a joke.\\n' | rwkvcpu chat --seed 1
     """
-    from rwkvcpu.generate import ChatSession, model_tokenizer
-    from rwkvcpu.sampling import make_params
+    from rwkvcpu.generate import ChatSession
 
-    sampling, extra_stops, ignore_eos = pop_sampling(options)
-    params = make_params(CHAT_DEFAULTS, **sampling)
+    sampling = pop_sampling(options, CHAT_DEFAULTS)          # bad values fail before the model loads
     model = load_model(model_path, threads)
-    params = params.replace(stop_tokens=stop_tokens(model_tokenizer(model), extra_stops, ignore_eos))
-    session = ChatSession(model, system=system, params=params)
+    session = ChatSession(model, system=system, params=sampling.for_model(model))
     if state_path:
         session.load(state_path)
 

@@ -9,8 +9,8 @@ import click
 from rwkvcpu.errors import InvalidArgumentError
 from rwkvcpu.sampling import SamplingParams
 
-from .options import (lenient_stdin, load_model, model_option, pop_sampling, sampling_options, stop_tokens,
-                      text_stdout, threads_option)
+from .options import (lenient_stdin, load_model, model_option, pop_sampling, sampling_options, text_stdout,
+                      threads_option)
 
 
 def read_prompt(prompt):
@@ -50,16 +50,12 @@ def generate(prompt, model_path, threads, echo, stats, **options):
       cat notes.txt | rwkvcpu generate --stop '\\n\\n' --seed 1
       rwkvcpu generate -m model-int8.safetensors --top-p 0.7 --stats "Hello"
     """
-    from rwkvcpu.generate import generate as start_generation, model_tokenizer
-    from rwkvcpu.sampling import make_params
+    from rwkvcpu.generate import generate as start_generation
 
-    sampling, extra_stops, ignore_eos = pop_sampling(options)
-    params = make_params(**sampling)           # bad values fail before the model loads
+    sampling = pop_sampling(options, SamplingParams())     # bad values fail before the model loads
     prompt = read_prompt(prompt)
     model = load_model(model_path, threads)
-    tokenizer = model_tokenizer(model)
-    params = params.replace(stop_tokens=stop_tokens(tokenizer, extra_stops, ignore_eos))
-    run = start_generation(model, prompt, params)
+    run = start_generation(model, prompt, sampling.for_model(model))
 
     out = text_stdout()
     if echo:

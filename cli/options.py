@@ -11,9 +11,12 @@ import io
 import os
 import sys
 
+from typing import NamedTuple
+
 import click
 
 from rwkvcpu.errors import InvalidArgumentError, ModelFormatError
+from rwkvcpu.sampling import SamplingParams, make_params
 
 
 class Number(click.ParamType):
@@ -43,6 +46,8 @@ class Number(click.ParamType):
 INT = Number(int, "an integer")
 FLOAT = Number(float, "a number")
 POSITIVE_INT = Number(int, "a positive integer", minimum=1)
+# -n/--max-tokens: the CLI's 0 is the API's None (no limit), so the CLI checks its own convention.
+MAX_TOKENS = Number(int, "an integer >= 0 (0 means no limit)", minimum=0)
 
 
 class TokenBias(click.ParamType):
@@ -114,7 +119,7 @@ def sampling_options(defaults):
     """Decorator adding every sampling option, showing `defaults` (a SamplingParams)."""
     d = defaults
     opts = [
-        click.option("-n", "--max-tokens", type=INT, default=d.max_tokens, show_default=True,
+        click.option("-n", "--max-tokens", type=MAX_TOKENS, default=d.max_tokens, show_default=True,
                      help="Most tokens to generate; 0 for no limit."),
         click.option("-t", "--temperature", type=FLOAT, default=d.temperature, show_default=True,
                      help="Randomness; 0 always picks the most likely token (greedy)."),
@@ -157,35 +162,65 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presen
                  "frequency_penalty", "penalty_decay", "repetition_penalty", "logit_bias", "banned",
                  "stop", "stop_token", "ignore_eos", "seed")
 
+# The words rwkvcpu.sampling's messages use -> the flags that set those values
+# (make_params' and check_vocab's `names`): the rules stay there, the words are ours.
+FLAG_NAMES = {
+    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+    "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
+    "penalty_decay": "--penalty-decay", "repetition_penalty": "--repetition-penalty",
+    "max_tokens": "--max-tokens", "seed": "--seed",
+    "logit_bias": "--logit-bias", "logit_bias token id": "--logit-bias token id",
+    "logit_bias[{k}]": "--logit-bias {k}=BIAS",
+    "banned_tokens": "--ban", "banned token id": "--ban token id",
+    "stop": "--stop", "stop strings": "--stop values",
+    "stop_tokens": "--stop-token", "stop token id": "--stop-token id",
+}
 
-def pop_sampling(kwargs: dict) -> tuple:
-    """Take the sampling options out of a command's kwargs.
 
-    Returns:
-        (make_params keywords, --stop-token ids, --ignore-eos): stop tokens
-        come apart because the end-of-text id is only known once the model
-        is loaded (see stop_tokens).
+class Sampling(NamedTuple):
+    """A command's sampling flags: the parameters, checked, and what waits for the model.
+
+    params.stop_tokens holds the --stop-token ids alone until for_model adds
+    end-of-text, whose id is only known once the model is loaded.
+    """
+    params: SamplingParams
+    stop_ids: tuple
+    ignore_eos: bool
+
+    def for_model(self, model) -> SamplingParams:
+        """The parameters with end-of-text (unless --ignore-eos) among the stop tokens,
+        every token id checked against the model's vocabulary."""
+        from rwkvcpu.generate import model_tokenizer
+        eos = model_tokenizer(model).eos_token_id
+        base = [] if self.ignore_eos or eos is None else [eos]
+        params = make_params(self.params, names=FLAG_NAMES,
+                             stop_tokens=base + [t for t in self.stop_ids if t not in base])
+        params.check_vocab(model.config.vocab_size, names=FLAG_NAMES)
+        return params
+
+
+def pop_sampling(kwargs: dict, defaults: SamplingParams) -> Sampling:
+    """Take the sampling options out of a command's kwargs, on top of `defaults`.
+
+    Raises:
+        InvalidArgumentError: a bad value, named by its flag (before any model loads).
     """
     o = {k: kwargs.pop(k) for k in SAMPLING_KEYS}
     bias = {}
     for token, value in o["logit_bias"]:
         bias[token] = bias.get(token, 0.0) + value
-    return dict(
+    params = make_params(
+        defaults, names=FLAG_NAMES,
         max_tokens=o["max_tokens"] or None,
         temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
         presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"],
         penalty_decay=o["penalty_decay"], repetition_penalty=o["repetition_penalty"],
         logit_bias=bias, banned_tokens=list(o["banned"]),
         stop=[unescape(s) for s in o["stop"]],
+        stop_tokens=list(o["stop_token"]),
         seed=o["seed"],
-    ), list(o["stop_token"]), o["ignore_eos"]
-
-
-def stop_tokens(tokenizer, extra, ignore_eos):
-    """End-of-text (unless ignored) plus the --stop-token ids."""
-    eos = tokenizer.eos_token_id
-    base = [] if ignore_eos or eos is None else [eos]
-    return base + [t for t in extra if t not in base]
+    )
+    return Sampling(params, tuple(o["stop_token"]), o["ignore_eos"])
 
 
 def resolve_model_path(model_path) -> str:

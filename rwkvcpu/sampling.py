@@ -36,44 +36,94 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 
-def _real(name, value, lo=None, hi=None, lo_open=False, allow_neg_inf=False):
+def _real(name, value, hint="", lo=None, hi=None, lo_open=False, allow_neg_inf=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not (allow_neg_inf and value < 0)):
         raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise InvalidArgumentError(f"{name} must be {bound}{_range_hint(name)}, got {value:g}")
+        bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise InvalidArgumentError(f"{name} must be {bound}{hint}, got {value:g}")
     if hi is not None and value > hi:
-        raise InvalidArgumentError(f"{name} must be <= {hi}{_range_hint(name)}, got {value:g}")
+        raise InvalidArgumentError(f"{name} must be <= {hi:g}{hint}, got {value:g}")
     return value
 
 
-def _int(name, value, lo=None, optional=False):
+def _int(name, value, hint="", lo=None, optional=False):
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if lo is not None and value < lo:
-        raise InvalidArgumentError(f"{name} must be >= {lo}{_range_hint(name)}, got {value}")
+        raise InvalidArgumentError(f"{name} must be >= {lo}{hint}, got {value}")
     return value
 
 
-_HINTS = {
-    "temperature": " (0 means greedy)",
-    "top_p": " (top_p is in (0, 1]; 1 turns it off)",
-    "top_k": " (0 turns it off)",
-    "min_p": " (min_p is in [0, 1]; 0 turns it off)",
-    "penalty_decay": " (penalty_decay is in [0, 1])",
-    "repetition_penalty": " (1 turns it off)",
-    "max_tokens": " (None means no limit)",
+def _seq(name, value, one_string=False):
+    if isinstance(value, (str, bytes)) and not one_string:
+        raise InvalidArgumentError(f"{name} must be a list, got {value!r}")
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be a list, got {value!r}") from None
+
+
+# The rules of the single-valued options: field -> (check, bounds, range hint).
+# "{name}" in a hint is the option as the caller names it (see make_params' names).
+_RULES = {
+    "temperature": (_real, dict(lo=0.0), "0 means greedy"),
+    "top_p": (_real, dict(lo=0.0, lo_open=True, hi=1.0), "{name} is in (0, 1]; 1 turns it off"),
+    "top_k": (_int, dict(lo=0), "0 turns it off"),
+    "min_p": (_real, dict(lo=0.0, hi=1.0), "{name} is in [0, 1]; 0 turns it off"),
+    "presence_penalty": (_real, {}, ""),
+    "frequency_penalty": (_real, {}, ""),
+    "penalty_decay": (_real, dict(lo=0.0, hi=1.0), "{name} is in [0, 1]"),
+    "repetition_penalty": (_real, dict(lo=0.0, lo_open=True), "1 turns it off"),
+    "max_tokens": (_int, dict(lo=0, optional=True), "None means no limit"),
+    "seed": (_int, dict(lo=0, optional=True), ""),
 }
 
 
-def _range_hint(name):
-    return _HINTS.get(name, "")
+def _checked(values: Mapping, names: Mapping[str, str]) -> dict:
+    """Every field of `values` (one per SamplingParams field) checked and normalised.
+
+    Args:
+        values: field -> value.
+        names: how the caller's user names the options, for the messages: the
+            words below ("top_p", "banned token id", "logit_bias[{k}]", ...) ->
+            the caller's ("--top-p", "--ban token id", "--logit-bias {k}=BIAS",
+            ...); unlisted words are kept.
+
+    Raises:
+        InvalidArgumentError: the first value out of range or of the wrong type.
+    """
+    say = lambda words: names.get(words, words)  # noqa: E731
+    out = {}
+    for field, (check, bounds, hint) in _RULES.items():
+        name = say(field)
+        out[field] = check(name, values[field], f" ({hint.format(name=name)})" if hint else "", **bounds)
+    bias = values["logit_bias"]
+    if not isinstance(bias, Mapping):
+        raise InvalidArgumentError(f"{say('logit_bias')} must map token ids to numbers, got {bias!r}")
+    out["logit_bias"] = {_int(say("logit_bias token id"), k, lo=0):
+                         _real(say("logit_bias[{k}]").format(k=k), v, allow_neg_inf=True) for k, v in bias.items()}
+    out["banned_tokens"] = tuple(_int(say("banned token id"), t, lo=0)
+                                 for t in _seq(say("banned_tokens"), values["banned_tokens"]))
+    stops = _seq(say("stop"), values["stop"], one_string=True)
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise InvalidArgumentError(f"{say('stop strings')} must be non-empty strings, got {s!r}")
+    out["stop"] = stops
+    if values["stop_tokens"] is not None:
+        out["stop_tokens"] = tuple(_int(say("stop token id"), t, lo=0)
+                                   for t in _seq(say("stop_tokens"), values["stop_tokens"]))
+    else:
+        out["stop_tokens"] = None
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,63 +179,47 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        fix("temperature", _real("temperature", self.temperature, lo=0.0))
-        fix("top_p", _real("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0))
-        fix("top_k", _int("top_k", self.top_k, lo=0))
-        fix("min_p", _real("min_p", self.min_p, lo=0.0, hi=1.0))
-        fix("presence_penalty", _real("presence_penalty", self.presence_penalty))
-        fix("frequency_penalty", _real("frequency_penalty", self.frequency_penalty))
-        fix("penalty_decay", _real("penalty_decay", self.penalty_decay, lo=0.0, hi=1.0))
-        fix("repetition_penalty", _real("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True))
-        if not isinstance(self.logit_bias, Mapping):
-            raise InvalidArgumentError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
-        fix("logit_bias", {_int("logit_bias token id", k, lo=0):
-                           _real(f"logit_bias[{k}]", v, allow_neg_inf=True)
-                           for k, v in self.logit_bias.items()})
-        fix("banned_tokens", tuple(_int("banned token id", t, lo=0) for t in _seq("banned_tokens", self.banned_tokens)))
-        stops = tuple(_seq("stop", self.stop))
-        for s in stops:
-            if not isinstance(s, str) or not s:
-                raise InvalidArgumentError(f"stop strings must be non-empty strings, got {s!r}")
-        fix("stop", stops)
-        if self.stop_tokens is not None:
-            fix("stop_tokens", tuple(_int("stop token id", t, lo=0) for t in _seq("stop_tokens", self.stop_tokens)))
-        fix("max_tokens", _int("max_tokens", self.max_tokens, lo=0, optional=True))
-        fix("seed", _int("seed", self.seed, lo=0, optional=True))
+        checked = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
+        for name, value in checked.items():
+            # A frozen dataclass: fields are set through object.__setattr__.
+            object.__setattr__(self, name, value)
 
     def replace(self, **changes) -> "SamplingParams":
         """A copy with some fields changed (validated again)."""
         return make_params(self, **changes)
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise InvalidArgumentError if a token id named here is outside the model's vocabulary."""
+    def check_vocab(self, vocab_size: int, names: Optional[Mapping[str, str]] = None) -> None:
+        """Raise InvalidArgumentError if a token id named here is outside the model's vocabulary.
+
+        Args:
+            vocab_size: the model's.
+            names: the caller's words for the options in messages, as for make_params.
+        """
+        say = lambda words: (names or {}).get(words, words)  # noqa: E731
         named = [("logit_bias token id", t) for t in self.logit_bias]
         named += [("banned token id", t) for t in self.banned_tokens]
         named += [("stop token id", t) for t in self.stop_tokens or ()]
         for what, t in named:
             if t >= vocab_size:
-                raise InvalidArgumentError(f"{what} {t} is outside the model's vocabulary (0 .. {vocab_size - 1})")
+                raise InvalidArgumentError(f"{say(what)} {t} is outside the model's vocabulary (0 .. {vocab_size - 1})")
         if len(set(self.banned_tokens)) >= vocab_size:
             raise InvalidArgumentError("every token is banned: nothing could be generated")
-
-
-def _seq(name, value):
-    if isinstance(value, (str, bytes)) and name != "stop":
-        raise InvalidArgumentError(f"{name} must be a list, got {value!r}")
-    if isinstance(value, str):
-        return (value,)
-    try:
-        return tuple(value)
-    except TypeError:
-        raise InvalidArgumentError(f"{name} must be a list, got {value!r}") from None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def make_params(base: Optional[SamplingParams] = None, **options) -> SamplingParams:
+def make_params(base: Optional[SamplingParams] = None, *, names: Optional[Mapping[str, str]] = None,
+                **options) -> SamplingParams:
     """SamplingParams from keyword options on top of `base` (default: the defaults).
+
+    Args:
+        base: the values of the options not given.
+        names: how the caller's user knows the options, for the error messages:
+            the words the messages use ("top_p", "banned token id", ...) -> the
+            caller's ("--top-p", "--ban token id", ...); without it, the
+            keyword arguments' names.
+        **options: SamplingParams fields.
 
     Raises:
         InvalidArgumentError: an unknown option name or a bad value.
@@ -193,11 +227,18 @@ def make_params(base: Optional[SamplingParams] = None, **options) -> SamplingPar
     Example:
         >>> make_params(temperature=0)
         SamplingParams(temperature=0.0, ...)
+        >>> make_params(top_p=0, names={"top_p": "--top-p"})
+        Traceback (most recent call last):
+        rwkvcpu.errors.InvalidArgumentError: --top-p must be > 0 (--top-p is in (0, 1]; 1 turns it off), got 0
     """
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
         raise InvalidArgumentError(
             f"unknown sampling option {unknown[0]!r}; the options are {', '.join(FIELDS)}")
+    if names:
+        # The same rules, checked first in the caller's words.
+        start = base if base is not None else SamplingParams()
+        _checked({f: options.get(f, getattr(start, f)) for f in FIELDS}, names)
     if base is None:
         return SamplingParams(**options)
     return dataclasses.replace(base, **options)

@@ -166,7 +166,8 @@ def test_subprocess_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--threads", "0"], "error: --threads must be a positive integer, got '0'"),
-    (["--top-p", "0"], "error: top_p must be > 0"),
+    (["--top-p", "0"], "error: --top-p must be > 0 (--top-p is in (0, 1]; 1 turns it off), got 0\n"),
+    (["-n", "-1"], "error: --max-tokens must be an integer >= 0 (0 means no limit), got '-1'\n"),
     (["--load", "/nonexistent/c.state"], "error: /nonexistent/c.state: no such state file"),
 ])
 def test_subprocess_bad_options_are_one_line(args, message):

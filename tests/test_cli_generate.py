@@ -71,10 +71,20 @@ def test_help_lists_every_option():
 
 
 @pytest.mark.parametrize("args, error", [
-    (["-t", "-1", "x"], "temperature must be >= 0"),
-    (["--top-p", "0", "x"], "top_p must be > 0"),
-    (["--top-p", "1.5", "x"], "top_p must be <= 1"),
-    (["--top-k", "-2", "x"], "top_k must be >= 0"),
+    (["-t", "-1", "x"], "--temperature must be >= 0 (0 means greedy), got -1"),
+    (["--top-p", "0", "x"], "--top-p must be > 0 (--top-p is in (0, 1]; 1 turns it off), got 0"),
+    (["--top-p", "1.5", "x"], "--top-p must be <= 1 (--top-p is in (0, 1]; 1 turns it off), got 1.5"),
+    (["--top-k", "-2", "x"], "--top-k must be >= 0 (0 turns it off), got -2"),
+    (["--min-p", "2", "x"], "--min-p must be <= 1 (--min-p is in [0, 1]; 0 turns it off), got 2"),
+    (["--penalty-decay", "-1", "x"], "--penalty-decay must be >= 0 (--penalty-decay is in [0, 1]), got -1"),
+    (["--repetition-penalty", "0", "x"], "--repetition-penalty must be > 0 (1 turns it off), got 0"),
+    (["-n", "-1", "x"], "--max-tokens must be an integer >= 0 (0 means no limit), got '-1'"),
+    (["--seed", "-1", "x"], "--seed must be >= 0, got -1"),
+    (["--ban", "-3", "x"], "--ban token id must be >= 0, got -3"),
+    (["--stop-token", "-1", "x"], "--stop-token id must be >= 0, got -1"),
+    (["--logit-bias", "-2=1", "x"], "--logit-bias token id must be >= 0, got -2"),
+    (["--logit-bias", "5=inf", "x"], "--logit-bias 5=BIAS must be a finite number, got inf"),
+    (["--stop", "", "x"], "--stop values must be non-empty strings, got ''"),
     (["--seed", "abc", "x"], "--seed must be an integer, got 'abc'"),
     (["--temperature", "warm", "x"], "--temperature must be a number"),
     (["--logit-bias", "5", "x"], "--logit-bias takes TOKEN_ID=BIAS"),
@@ -89,6 +99,26 @@ def test_bad_input_is_one_line_and_exit_code_2(args, error, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and error in err and err.startswith("error: ")
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--ban", "99999"], "--ban token id 99999 is outside the model's vocabulary (0 .. {top})"),
+    (["--stop-token", "99999"], "--stop-token id 99999 is outside the model's vocabulary (0 .. {top})"),
+    (["--logit-bias", "99999=1"], "--logit-bias token id 99999 is outside the model's vocabulary (0 .. {top})"),
+])
+def test_token_ids_outside_the_vocabulary_are_named_by_their_flag(tiny_v7_file, tiny, args, error, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "-m", str(tiny_v7_file), *args, "x"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {error.format(top=tiny.config.vocab_size - 1)}\n"
+
+
+def test_the_api_keeps_naming_its_keyword_arguments():
+    from rwkvcpu.sampling import make_params
+    with pytest.raises(InvalidArgumentError, match=r"^max_tokens must be >= 0 \(None means no limit\), got -1$"):
+        make_params(max_tokens=-1)
+    with pytest.raises(InvalidArgumentError, match=r"^top_p must be > 0 \(top_p is in \(0, 1\]; 1 turns it off\), got 0$"):
+        make_params(top_p=0)
 
 
 def test_bad_input_through_the_runner_is_our_error_type():
