@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import reprlib
 import threading
 from typing import Optional
 
@@ -164,7 +165,10 @@ class Model:
         except (ValueError, TypeError, OverflowError):
             raise InvalidArgumentError("tokens must be a flat sequence of integer token ids, e.g. [510, 1563]") from None
         if a.ndim == 0:
-            raise InvalidArgumentError(f"tokens must be a sequence of token ids; for one token pass [{tokens!r}]")
+            if a.dtype.kind in "iu":
+                raise InvalidArgumentError(f"tokens must be a sequence of token ids; for one token pass [{int(a)}]")
+            raise InvalidArgumentError(
+                f"tokens must be a sequence of integer token ids, e.g. [510, 1563], got {reprlib.repr(tokens)}")
         if a.ndim != 1:
             raise InvalidArgumentError(f"tokens must be a flat sequence of token ids, got an array of shape {a.shape}")
         if a.size == 0:
