@@ -63,8 +63,9 @@ def test_info_on_pth_files(tmp_path, capsys):
 
 
 def test_embedded_tokenizer_and_eps_from_cli(tmp_path, capsys):
-    # any v7 source and the tokenizer.json shipped in the package: no ../shared needed
-    src = write_pth(tmp_path / "m.pth", random_official_state_dict("v7", 2, 64, 256, head_size=32))
+    # a v7 source of the padded NeoX vocabulary and the tokenizer.json shipped in the
+    # package: no ../shared needed
+    src = write_pth(tmp_path / "m.pth", random_official_state_dict("v7", 2, 32, 50304, head_size=32))
     dst = tmp_path / "m.safetensors"
     code, _, err = run_cli(["convert", src, dst, "--dtype", "fp16", "--tokenizer", NEOX_TOKENIZER,
                             "--eps", "1e-5", "-q"], capsys)

@@ -30,7 +30,7 @@ for name in json.loads(sys.argv[1]):
     importlib.import_module(name)
 if len(sys.argv) > 2:
     from rwkvcpu.quant.convert import convert
-    convert(sys.argv[2], sys.argv[3], dtype="int8", tokenizer="world", progress=False)
+    convert(sys.argv[2], sys.argv[3], dtype="int8", tokenizer="bytes", progress=False)
 with open("/proc/self/status") as f:
     peak_kb = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
 print(json.dumps({"peak": peak_kb * 1024, "modules": sorted(m for m in sys.modules if m != "__main__")}))
