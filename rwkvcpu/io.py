@@ -32,28 +32,53 @@ DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 # A header larger than this is not a model file (safetensors itself caps it at 100 MB).
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024
 
 # Suffixes of the parts of a stored matrix (docs/FORMAT.md, "Matrix storage").
 MATRIX_SUFFIXES = ("", ".scale", ".min")
+
+
+def header_length(head: bytes, size: int, path) -> int:
+    """The JSON header's length N from a safetensors file's first 8 bytes, checked against the file.
+
+    One rule for the engine (read_header) and the converter's reader
+    (quant/readers/safetensors_file.py): N must be plausible (1 .. 100 MB),
+    else the file is no safetensors file; a plausible N that runs past the end
+    of the file means the file was cut inside its header.
+
+    Args:
+        head: the file's first bytes (at least 8 of them, or the whole file).
+        size: the file's size in bytes.
+        path: the file, for messages.
+
+    Raises:
+        ModelFormatError: too short, an implausible length, or truncated.
+
+    Example:
+        >>> header_length((100).to_bytes(8, "little") + b"{", 5000, "m.safetensors")
+        100
+    """
+    if len(head) < 8:
+        raise ModelFormatError(f"{path}: too short to be a safetensors file ({len(head)} bytes)")
+    (n,) = struct.unpack_from("<Q", head)
+    if n == 0 or n > MAX_HEADER:
+        raise ModelFormatError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+    if 8 + n > size:
+        raise ModelFormatError(
+            f"{path}: truncated: the safetensors header says {8 + n} bytes of header but the file has {size}")
+    return n
 
 
 def read_header(path) -> tuple[dict, int]:
     """The parsed JSON header of a safetensors file, and where its data starts.
 
     Raises:
-        ModelFormatError: the file is not a safetensors file.
+        ModelFormatError: the file is not a safetensors file, or is cut inside its header.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelFormatError(f"{path}: too short to be a safetensors file ({len(head)} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            size = os.fstat(f.fileno()).st_size
-            if n == 0 or n > _MAX_HEADER or 8 + n > size:
-                raise ModelFormatError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+            n = header_length(f.read(8), os.fstat(f.fileno()).st_size, path)
             raw = f.read(n)
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot read ({e.strerror or e})") from None

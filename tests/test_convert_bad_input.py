@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -441,3 +442,33 @@ def test_vocabulary_without_a_built_in_tokenizer(tmp_path, capsys):
     # a smaller tokenizer fits a padded vocabulary
     code, _, err = run_cli(["convert", src, dst, "--tokenizer", "bytes", "-q"], capsys)
     assert code == 0 and dst.is_file(), err
+
+
+def test_safetensors_cut_inside_its_header(tmp_path, capsys, small_pth):
+    """Said to be truncated (by one rule, for the converter's reader and the engine), not unrecognised."""
+    from safetensors.numpy import save_file
+
+    from rwkvcpu.errors import ModelFormatError
+    from rwkvcpu.io import open_safetensors
+    model = tmp_path / "model.safetensors"
+    code, _, err = run_cli(["convert", small_pth[0], model, "-q"], capsys)
+    assert code == 0, err
+    save_file(dict(small_pth[1]), tmp_path / "plain.safetensors")
+    for name in ("model.safetensors", "plain.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(data[:8 + n // 2])
+        want = f"{cut}: truncated: the safetensors header says {8 + n} bytes of header but the file has {8 + n // 2}"
+        code, _, err = run_cli(["info", cut], capsys)
+        assert_one_line_error(code, err, want)
+        dst = tmp_path / "o.safetensors"
+        code, _, err = run_cli(["convert", cut, dst], capsys)
+        assert_one_line_error(code, err, want)
+        assert_nothing_at(dst)
+        with pytest.raises(ModelFormatError, match="^" + re.escape(want) + "$"):
+            open_safetensors(cut)
+    # an implausible header length is still no safetensors file at all
+    (tmp_path / "huge.bin").write_bytes((200 << 20).to_bytes(8, "little") + b"{" + bytes(100))
+    code, _, err = run_cli(["info", tmp_path / "huge.bin"], capsys)
+    assert_one_line_error(code, err, "huge.bin", "unrecognised file")

@@ -7,7 +7,6 @@ tensors lazily under official or rwkv.cpp names.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rwkvcpu.errors import ModelFormatError
@@ -20,7 +19,6 @@ def _open_file(path: Path) -> Source:
 
     with open_checkpoint_file(path) as f:
         head = f.read(16)
-        size = os.fstat(f.fileno()).st_size
     if ggml.is_ggml(head):
         return ggml.GgmlSource(path)
     if head.startswith(pth.ZIP_MAGIC):
@@ -28,7 +26,7 @@ def _open_file(path: Path) -> Source:
     if head.startswith(pth.LEGACY_MAGIC[:3]):
         raise ModelFormatError(
             f"{path}: legacy (torch < 1.6) checkpoint format; re-save it with a current torch.save")
-    if safetensors_file.is_safetensors(head, size):
+    if safetensors_file.is_safetensors(head):
         return safetensors_file.SafetensorsSource(path)
     raise ModelFormatError(
         f"{path}: unrecognised file (starts with {head[:8].hex()}); expected an official .pth, "

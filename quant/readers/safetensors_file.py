@@ -13,6 +13,7 @@ import struct
 import numpy as np
 
 from rwkvcpu.errors import ModelFormatError
+from rwkvcpu.io import MAX_HEADER, header_length
 
 from .base import OFFICIAL, MappedSource, TensorInfo, as_float32, numel
 
@@ -22,23 +23,21 @@ _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.ui
           "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
 _ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NUMPY.items()}
 _FLOAT = {k: _NUMPY[k] for k in ("F32", "F16", "BF16")}
-MAX_HEADER = 100 * 1024 * 1024
 
 
-def is_safetensors(head: bytes, size: int) -> bool:
+def is_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes (9 or more) look like safetensors: a plausible header
+    length, then "{". The file's size is not asked: a file cut inside its header is still
+    recognised, so that reading it says it is truncated."""
     if len(head) < 9:
         return False
     n = struct.unpack_from("<Q", head)[0]
-    return 2 <= n <= min(size - 8, MAX_HEADER) and head[8:9] == b"{"
+    return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
 
 
 def read_header(mm, size, path) -> tuple:
     """(tensor entries, metadata dict, data start) of a safetensors file."""
-    if size < 8:
-        raise ModelFormatError(f"{path}: truncated safetensors header")
-    n = struct.unpack_from("<Q", mm, 0)[0]
-    if n > min(size - 8, MAX_HEADER):
-        raise ModelFormatError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes)")
+    n = header_length(bytes(mm[:8]), size, path)
     try:
         header = json.loads(bytes(mm[8:8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
