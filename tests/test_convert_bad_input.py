@@ -472,3 +472,25 @@ def test_safetensors_cut_inside_its_header(tmp_path, capsys, small_pth):
     (tmp_path / "huge.bin").write_bytes((200 << 20).to_bytes(8, "little") + b"{" + bytes(100))
     code, _, err = run_cli(["info", tmp_path / "huge.bin"], capsys)
     assert_one_line_error(code, err, "huge.bin", "unrecognised file")
+
+
+def test_folder_of_several_models(tmp_path, capsys):
+    """Unrelated *.safetensors without an index are not merged as shards; one file is asked for."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name, gen in (("a.safetensors", "v6"), ("b.safetensors", "v7")):
+        save_file(random_official_state_dict(gen, n_layer=2, n_embd=64, vocab_size=256, head_size=32),
+                  folder / name)
+    want = (f"{folder}: holds several *.safetensors files without an index (model.safetensors.index.json) "
+            f"that are not shards of one model (a.safetensors and b.safetensors both hold ")
+    dst = tmp_path / "o.safetensors"
+    code, _, err = run_cli(["convert", folder, dst], capsys)
+    assert_one_line_error(code, err, want, "give one of them as the source")
+    assert "appears in two shards" not in err
+    assert_nothing_at(dst)
+    code, _, err = run_cli(["info", folder], capsys)
+    assert_one_line_error(code, err, want)
+    code, _, err = run_cli(["convert", folder / "b.safetensors", dst, "-q"], capsys)
+    assert code == 0, err

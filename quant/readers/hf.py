@@ -33,11 +33,13 @@ class MultiSource(Source):
         super().__init__(path)
         self.parts = parts
         self.files = [f for p in parts for f in p.files]
+        shared = shared_tensor(parts)
+        if shared is not None:
+            name, a, b = shared
+            raise ModelFormatError(f"{path}: tensor {name!r} appears in two shards, {a.path.name} and {b.path.name}")
         self._owner = {}
         for part in parts:
             for name, info in part.tensors().items():
-                if name in self._owner:
-                    raise ModelFormatError(f"{path}: tensor {name!r} appears in two shards")
                 self._owner[name] = part
                 self._infos[name] = info
         self.format = parts[0].format if parts else "?"
@@ -52,6 +54,20 @@ class MultiSource(Source):
     def close(self):
         for p in self.parts:
             p.close()
+
+
+def shared_tensor(parts):
+    """(tensor name, first part, second part) of a tensor two parts both hold, or None.
+
+    Shards of one model hold disjoint tensors; files that share one are not shards.
+    """
+    owner = {}
+    for part in parts:
+        for name in part.tensors():
+            if name in owner:
+                return name, owner[name], part
+            owner[name] = part
+    return None
 
 
 class RenamedSource(Source):
@@ -235,6 +251,14 @@ def open_folder(path, open_file) -> Source:
     try:
         for f in files:
             parts.append(open_file(f))
+        shared = shared_tensor(parts) if index is None else None
+        if shared is not None:
+            # No index says these files belong together, and they overlap: several models.
+            name, a, b = shared
+            raise ModelFormatError(
+                f"{path}: holds several *.safetensors files without an index (model.safetensors.index.json) "
+                f"that are not shards of one model ({a.path.name} and {b.path.name} both hold {name}); "
+                f"give one of them as the source")
         raw = MultiSource(path, parts) if len(parts) > 1 else parts[0]
     except BaseException:
         for p in parts:
