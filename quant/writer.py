@@ -161,7 +161,7 @@ class SafetensorsWriter:
         # file is created must still remove it.
         try:
             try:
-                self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as any new file
             except OSError as e:
                 raise ConversionError(f"{self.dst}: cannot create the output ({e.strerror})") from None
             self._reserve()

@@ -8,8 +8,8 @@ Example:
 """
 
 from .config import ModelConfig
-from .errors import (ConversionError, ModelFormatError, RwkvCpuError, StateMismatchError,
-                     UnsafePickleError, UnsupportedModelError)
+from .errors import (ConversionError, InvalidArgumentError, ModelFormatError, RwkvCpuError, StateFileError,
+                     StateMismatchError, UnsafePickleError, UnsupportedModelError)
 
 __version__ = "0.1.0"
 
@@ -31,4 +31,4 @@ def __getattr__(name):
 
 __all__ = ["load", "Model", "State", "state_layout", "ModelConfig", "RwkvCpuError",
            "ModelFormatError", "UnsafePickleError", "UnsupportedModelError",
-           "ConversionError", "StateMismatchError"]
+           "ConversionError", "StateMismatchError", "StateFileError", "InvalidArgumentError"]

@@ -33,3 +33,9 @@ class StateMismatchError(RwkvCpuError, ValueError):
 
 class InvalidArgumentError(RwkvCpuError, ValueError):
     """A sampling option, prompt or token id given by the caller is out of range."""
+
+
+class StateFileError(RwkvCpuError, OSError):
+    """A state file cannot be written: no such directory, a directory, permission denied, disk full.
+
+    Also an OSError, as the failures it stands for are."""

@@ -31,17 +31,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import ModelConfig
-from .errors import RwkvCpuError, StateMismatchError
+from .errors import StateFileError, StateMismatchError
 
 # Initial value of v4's running exponent: "minus infinity" that stays finite in
 # fp32 arithmetic (exp(-1e38 - p) underflows cleanly to 0).
 V4_PP_INIT = -1e38
 
-
-class StateFileError(RwkvCpuError, OSError):
-    """A state file cannot be written: no such directory, a directory, permission denied, disk full.
-
-    Also an OSError, as the failures it stands for are."""
 
 
 def _reason(e: OSError) -> str:

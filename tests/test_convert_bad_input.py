@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -227,22 +226,36 @@ def test_ctrl_c_leaves_nothing(tmp_path, capsys, monkeypatch, small_pth):
     assert_nothing_at(dst)
 
 
-def test_sigterm_mid_conversion_leaves_nothing(tmp_path):
+# `rwkvcpu convert` in a child that pauses once its first tensor is in the
+# .partial file, prints that file's name and sleeps: a signal sent then always
+# lands mid-conversion, however fast the machine.
+_PAUSING_CONVERT = """
+import sys, time
+from rwkvcpu.quant import writer
+real_write = writer.SafetensorsWriter.write
+def write(self, name, array):
+    real_write(self, name, array)
+    if not getattr(self, "paused", False):
+        self.paused = True
+        print(self._tmp, flush=True)
+        time.sleep(600)
+writer.SafetensorsWriter.write = write
+from rwkvcpu.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_mid_conversion_leaves_nothing(tmp_path, small_pth):
     """A real `rwkvcpu convert` process, terminated while it writes, removes its partial file."""
-    from rwkvcpu.quant.official import iter_random_official
-    # Large enough (65536 x 256 embedding and head, 70 MB of bf16) that int4
-    # quantization runs for about half a second after the output file is created.
-    src = write_pth(tmp_path / "big.pth", iter_random_official("v7", 2, 256, 65536))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    dst = out_dir / "big.safetensors"
-    p = subprocess.Popen([RWKVCPU, "convert", str(src), str(dst), "--dtype", "int4"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dst = out_dir / "small.safetensors"
+    p = subprocess.Popen([sys.executable, "-c", _PAUSING_CONVERT, "convert", str(small_pth[0]), str(dst),
+                          "--dtype", "int8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out_dir.iterdir()) and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert p.poll() is None, "the conversion ended before its output file appeared"
+        partial = p.stdout.readline().strip()      # blocks until the pause; "" if the child died
+        assert partial and os.path.exists(partial), p.communicate(timeout=60)[1]
+        assert Path(partial).parent == out_dir
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=120)
     finally:
