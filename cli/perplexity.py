@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from rwkvcpu.errors import InvalidArgumentError
+from rwkvcpu.errors import InvalidArgumentError, open_input
 
 from .options import INT, load_model, threads_option
 
@@ -17,14 +17,8 @@ def read_text(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open_input(path, "text file", InvalidArgumentError, "r", encoding="utf-8") as f:
             return f.read()
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"{path}: no such text file") from None
-    except IsADirectoryError:
-        raise InvalidArgumentError(f"{path}: is a directory, not a text file") from None
-    except PermissionError:
-        raise InvalidArgumentError(f"{path}: text file is not readable (permission denied)") from None
     except UnicodeDecodeError as e:
         raise InvalidArgumentError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
 

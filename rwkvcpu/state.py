@@ -31,25 +31,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import ModelConfig
-from .errors import StateFileError, StateMismatchError
+from .errors import StateFileError, StateMismatchError, open_input, os_reason
 
 # Initial value of v4's running exponent: "minus infinity" that stays finite in
 # fp32 arithmetic (exp(-1e38 - p) underflows cleanly to 0).
 V4_PP_INIT = -1e38
 
-
-
-def _reason(e: OSError) -> str:
-    """The cause of a failed file operation, in words a user acts on."""
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return "no space left on the device"
-    if e.errno == errno.EISDIR:
-        return "is a directory"
-    if e.errno == errno.EROFS:
-        return "read-only file system"
-    return (e.strerror or str(e)).lower()
 
 
 def _save_error(path: str, e: OSError) -> StateFileError:
@@ -59,7 +46,7 @@ def _save_error(path: str, e: OSError) -> StateFileError:
     elif e.errno == errno.ENOTDIR:
         reason = f"{folder} is not a directory"
     else:
-        reason = _reason(e)
+        reason = os_reason(e)
     return StateFileError(f"{path}: cannot save the state: {reason}")
 
 
@@ -229,16 +216,8 @@ class State:
         """
         from safetensors import safe_open
         path = os.fspath(path)
-        try:
-            # Plain open first: its OSError says what is wrong (safetensors' does not, for a directory).
-            with open(path, "rb"):
-                pass
-        except FileNotFoundError:
-            raise StateMismatchError(f"{path}: no such state file") from None
-        except IsADirectoryError:
-            raise StateMismatchError(f"{path}: is a directory, not a state file") from None
-        except OSError as e:
-            raise StateMismatchError(f"{path}: cannot read the state file ({_reason(e)})") from None
+        # Plain open first: its OSError says what is wrong (safetensors' does not, for a directory).
+        open_input(path, "state file", StateMismatchError).close()
         try:
             with safe_open(path, "np") as f:
                 meta = f.metadata() or {}

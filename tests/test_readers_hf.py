@@ -93,16 +93,22 @@ def test_transformers_rwkv4_folder(tmp_path, layout):
         _same(got, want)
 
 
-def test_fla_rwkv7_folder(tmp_path):
+def fla_folder(tmp_path):
+    """A random official v7 written as official.pth and as an fla folder: (folder, official .pth)."""
     from safetensors.numpy import save_file
 
     sd = random_official_state_dict("v7", **DIMS)
-    write_pth(tmp_path / "official.pth", sd)
+    pth = write_pth(tmp_path / "official.pth", sd)
     folder = tmp_path / "rwkv7-fla"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(
         {"architectures": ["RWKV7ForCausalLM"], "head_dim": 32, "norm_eps": 1e-5}))
     save_file(fla_names(sd), folder / "model.safetensors")
+    return folder, pth
+
+
+def test_fla_rwkv7_folder(tmp_path):
+    folder, _ = fla_folder(tmp_path)
     meta, got = read_checkpoint(folder, dtype="fp32")
     _, want = read_checkpoint(tmp_path / "official.pth", dtype="fp32")
     assert meta["generation"] == "v7" and meta["source_format"] == "hf-fla"
@@ -149,23 +155,16 @@ def test_state_tuning_file_errors(tmp_path):
 
 def test_generate_reads_a_folder_like_its_official_checkpoint(tmp_path):
     """`rwkvcpu generate -m FOLDER` converts the Hugging Face folder in memory, as for a .pth."""
-    from safetensors.numpy import save_file
     from click.testing import CliRunner
 
     import rwkvcpu
     from rwkvcpu.cli.main import cli
 
-    sd = random_official_state_dict("v7", **DIMS)
-    write_pth(tmp_path / "official.pth", sd)
-    folder = tmp_path / "rwkv7-fla"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {"architectures": ["RWKV7ForCausalLM"], "head_dim": 32, "norm_eps": 1e-5}))
-    save_file(fla_names(sd), folder / "model.safetensors")
+    folder, pth = fla_folder(tmp_path)
     args = ["-n", "12", "-t", "0", "--presence-penalty", "0", "--frequency-penalty", "0", "In the"]
     from_folder = CliRunner().invoke(cli, ["generate", "-m", str(folder), *args])
     assert from_folder.exit_code == 0, from_folder.output
     # fla's group-norm epsilon is head_dim * norm_eps; the official default is 64e-5.
-    official = rwkvcpu.load(tmp_path / "official.pth", group_norm_eps=32e-5)
+    official = rwkvcpu.load(pth, group_norm_eps=32e-5)
     want = official.complete("In the", max_tokens=12, temperature=0, presence_penalty=0, frequency_penalty=0)
     assert from_folder.stdout == want != ""

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rwkvcpu.errors import ModelFormatError
+from rwkvcpu.errors import ModelFormatError, open_input
 
 OFFICIAL, RWKV_CPP = "official", "rwkv.cpp"
 
@@ -92,16 +92,7 @@ def open_checkpoint_file(path: Path):
     Raises:
         ModelFormatError: missing, a directory, not readable, or empty.
     """
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise ModelFormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ModelFormatError(f"{path}: is a directory, expected a file") from None
-    except PermissionError:
-        raise ModelFormatError(f"{path}: permission denied") from None
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot read it ({e.strerror or e})") from None
+    f = open_input(path, "file", ModelFormatError)
     if os.fstat(f.fileno()).st_size == 0:
         f.close()
         raise ModelFormatError(f"{path}: file is empty")
