@@ -269,6 +269,15 @@ def _requantize(tensors: dict, dtype: str) -> dict:
     return out
 
 
+def _model_file_in(folder: str) -> str:
+    """The rwkvcpu file a folder holds, when its only *.safetensors is one; else the folder itself
+    (a Hugging Face checkpoint to convert, or not a model: the converter's reader says which)."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if len(files) == 1 and io.is_model_file(os.path.join(folder, files[0])):
+        return os.path.join(folder, files[0])
+    return folder
+
+
 def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
          group_norm_eps: Optional[float] = None) -> Model:
     """Load a model.
@@ -279,7 +288,8 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
     folder) is converted in memory first, to `dtype` (default int8).
 
     Args:
-        path: the model file or folder.
+        path: the model file, or a folder: a Hugging Face checkpoint, or one holding a single
+            .safetensors file that is an rwkvcpu model (that file is loaded).
         dtype: "fp32", "fp16", "int8" or "int4". For an rwkvcpu file, None keeps
             the stored format; another value re-quantizes the matrices in memory
             (from a quantized file this adds to its rounding error: prefer
@@ -308,6 +318,8 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
     if dtype is not None:
         from .quant.formats import get_format
         get_format(dtype)
+    if os.path.isdir(path):
+        path = _model_file_in(path)
     if os.path.isfile(path) and io.is_model_file(path):
         meta, arrays = io.open_safetensors(path)
         config = io.check_metadata(meta, path)

@@ -255,3 +255,18 @@ def test_wrong_format_version(tmp_path):
         return h, d
     with pytest.raises(ModelFormatError, match="version"):
         rwkvcpu.load(_rewrite(path, tmp_path / "v99.safetensors", bump))
+
+
+def test_folder_holding_one_model_file(tmp_path):
+    """A folder whose only .safetensors is an rwkvcpu file loads that file (mapped, not converted)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path, _, _ = _make(folder)
+    (folder / "README.md").write_text("notes")
+    logits, _ = rwkvcpu.load(folder).forward([1, 2, 3])
+    want, _ = rwkvcpu.load(path).forward([1, 2, 3])
+    assert np.array_equal(logits, want)
+    assert rwkvcpu.load(folder).info["dtype"] == "fp32"
+    _make(folder, seed=1)    # a second model file: which one is meant is no longer clear
+    with pytest.raises(ModelFormatError, match="several"):
+        rwkvcpu.load(folder)
