@@ -18,18 +18,10 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
+
+from rwkvcpu.bench import peak_rss_bytes, timings  # noqa: E402  (numpy and the standard library only)
 
 TTFT_PROMPT = 16
-
-
-def peak_rss_bytes():
-    """VmHWM: ru_maxrss would count the parent's memory too (fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main():
@@ -79,12 +71,7 @@ def main():
         "threads": args.threads,
         "load_s": load_s,
         "ttft_s": ttft_s,
-        "decode_ms": float(np.median(steps) * 1e3),
-        "decode_ms_p10": float(np.percentile(steps, 10) * 1e3),
-        "decode_ms_p90": float(np.percentile(steps, 90) * 1e3),
-        "decode_tokens": args.tokens,
-        "prefill_tok_s": args.prompt / best,
-        "prompt_tokens": args.prompt,
+        **timings(steps, best, args.prompt),
         "peak_rss_bytes": peak_rss_bytes(),
     }))
 

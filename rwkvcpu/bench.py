@@ -274,13 +274,22 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
         "threads": model.threads,
         "load_s": load_s,
         "ttft_s": ttft_s,
+        **timings(steps, best, prompt_tokens),
+        "peak_rss_bytes": peak_rss,
+    }
+
+
+def timings(steps, prompt_s: float, prompt_tokens: int) -> dict:
+    """The decode and prompt figures of `measure` (and of the reference's worker, in
+    benchmarks/), from the seconds of each decode step and of the best prompt run."""
+    steps = np.asarray(steps)
+    return {
         "decode_ms": float(np.median(steps) * 1e3),
         "decode_ms_p10": float(np.percentile(steps, 10) * 1e3),
         "decode_ms_p90": float(np.percentile(steps, 90) * 1e3),
-        "decode_tokens": decode_tokens,
-        "prefill_tok_s": prompt_tokens / best,
+        "decode_tokens": int(steps.size),
+        "prefill_tok_s": prompt_tokens / prompt_s,
         "prompt_tokens": prompt_tokens,
-        "peak_rss_bytes": peak_rss,
     }
 
 
