@@ -146,6 +146,85 @@ class Model:
                 common.forward(self._arch, self.config, self._weights, block, new, self._scratch, out)
         return (logits if all_logits else logits[0]), new
 
+    # ------------------------------------------------- several sequences at once
+
+    def state_pool(self, capacity: int):
+        """A StatePool of `capacity` slots for sequences that step together (see rwkvcpu.batch)."""
+        from .batch import StatePool
+        return StatePool(self, capacity)
+
+    def step(self, pool, batch) -> np.ndarray:
+        """Advance several sequences, each in its own slot of `pool`, by one step.
+
+        Each entry of `batch` is (slot, tokens): one token for a sequence that
+        decodes, a chunk of its prompt for one that prefills; a step may mix both.
+        The slots' states are advanced in place.
+
+        Args:
+            pool: a StatePool of this model (`state_pool`).
+            batch: a sequence of (slot, tokens), each slot at most once, tokens as for `forward`.
+
+        Returns:
+            (len(batch), vocab_size) float32: row b is the logits after the last
+            token of batch[b], equal to what `forward` gives for that sequence alone.
+
+        Raises:
+            InvalidArgumentError: an empty batch, a slot given twice or not in use,
+                bad tokens; raised before any state changes.
+
+        Example:
+            >>> pool = model.state_pool(2)
+            >>> a, b = pool.acquire(), pool.acquire()
+            >>> logits = model.step(pool, [(a, [510, 1563]), (b, [310])])
+        """
+        if pool.model is not self:
+            raise InvalidArgumentError("this state pool belongs to another model; make one with model.state_pool(n)")
+        entries = [(slot, self._check_tokens(tokens)) for slot, tokens in batch]
+        if not entries:
+            raise InvalidArgumentError("an empty batch: give at least one (slot, tokens) entry")
+        slots = [slot for slot, _ in entries]
+        if len(set(slots)) != len(slots):
+            raise InvalidArgumentError("a slot appears twice in one batch: give each sequence once per step")
+        states = [pool.state(slot) for slot in slots]
+        logits = np.empty((len(entries), self.config.vocab_size), np.float32)
+        with self._lock:
+            self._use_threads()
+            # One sequence at a time for now; each gives exactly what forward() gives.
+            for b, ((_, toks), state) in enumerate(zip(entries, states)):
+                for t0 in range(0, toks.shape[0], PROMPT_BLOCK):
+                    last = t0 + PROMPT_BLOCK >= toks.shape[0]
+                    common.forward(self._arch, self.config, self._weights, toks[t0:t0 + PROMPT_BLOCK], state,
+                                   self._scratch, logits[b:b + 1] if last else None)
+        return logits
+
+    def forward_batch(self, token_lists, states=None):
+        """`forward` for several independent sequences at once (one step of `step`).
+
+        Args:
+            token_lists: a sequence of token-id sequences, one per sequence.
+            states: None, or a sequence as long as token_lists of State or None
+                (None: the initial state). They are not modified.
+
+        Returns:
+            (logits, states): a list of (vocab_size,) float32 logits and a list of
+            new States, one per sequence, each equal to `forward(tokens, state)`.
+
+        Example:
+            >>> logits, states = model.forward_batch([[510, 1563], [310]])
+        """
+        token_lists = list(token_lists)
+        states = [None] * len(token_lists) if states is None else list(states)
+        if len(states) != len(token_lists):
+            raise InvalidArgumentError(
+                f"forward_batch got {len(token_lists)} token lists and {len(states)} states; give one state "
+                f"(or None) per sequence")
+        if not token_lists:
+            raise InvalidArgumentError("forward_batch needs at least one token list")
+        pool = self.state_pool(len(token_lists))
+        slots = [pool.acquire(s) for s in states]
+        logits = self.step(pool, list(zip(slots, token_lists)))
+        return list(logits), [pool.snapshot(s) for s in slots]
+
     def __call__(self, tokens, state=None, **kw):
         return self.forward(tokens, state, **kw)
 
