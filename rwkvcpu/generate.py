@@ -131,6 +131,87 @@ class GenerationStats:
                 f"({self.generation_tokens_per_second:.1f} tokens/s)")
 
 
+class Detokenizer:
+    """What a generation makes of each sampled token: stop tokens, text safe to show, stop strings, max_tokens.
+
+    One per sequence; `Generation` drives one, and so does the server's scheduler
+    for every sequence of its batch. Text never splits a UTF-8 character and never
+    contains (the start of) a stop string.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        params: SamplingParams (its stop, stop_tokens and max_tokens are used here).
+        strip_leading_space: drop whitespace before the first visible character
+            (a chat reply starts after "Assistant:").
+
+    Attributes:
+        tokens: the ids taken so far (stop tokens excluded).
+        text: the text emitted so far.
+        finish_reason: None while running, then "stop" (a stop string), "stop_token"
+            (end-of-text or another stop token) or "length" (max_tokens reached).
+        stop_string: the stop string that ended it, if any.
+
+    Example:
+        >>> out = Detokenizer(model.tokenizer, SamplingParams(stop=["\\n"], max_tokens=20))
+        >>> while out.finish_reason is None:
+        ...     print(out.push(sampler.sample(logits)), end="")   # (feeding the model left out)
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams, *, strip_leading_space: bool = False):
+        stops = params.stop_tokens
+        if stops is None:
+            eos = tokenizer.eos_token_id
+            stops = () if eos is None else (eos,)
+        self.stop_tokens = frozenset(stops)
+        self.max_tokens = params.max_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.stop_string: Optional[str] = None
+        self._stream = tokenizer.stream()
+        self._stopper = StopMatcher(params.stop)
+        self._lstrip = strip_leading_space
+        if self.max_tokens == 0:
+            self.finish_reason = "length"
+
+    def push(self, token: int) -> str:
+        """Take one sampled token; return the text it makes safe to show (maybe "").
+
+        Afterwards `finish_reason` says whether the sequence has ended; a stop
+        token is not kept in `tokens` (the model need not be fed it).
+        """
+        if token in self.stop_tokens:
+            self.finish_reason = "stop_token"
+            return self._flush()
+        self.tokens.append(token)
+        piece = self._stream.push(token)
+        if self._lstrip and not self.text and not self._stopper.held:
+            # a reply starts at its first visible character: a leading
+            # blank line is not yet the end of the turn
+            piece = piece.lstrip()
+        text, stop = self._stopper.push(piece)
+        if stop is not None:
+            self.finish_reason, self.stop_string = "stop", stop
+            return self._emit(text)
+        text = self._emit(text)
+        if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+            text += self._flush()
+        return text
+
+    def _flush(self) -> str:
+        text, stop = self._stopper.push(self._stream.flush())
+        if stop is not None:
+            self.finish_reason, self.stop_string = "stop", stop
+        else:
+            text += self._stopper.flush()
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text
+
+
 class Generation:
     """An iterator of text chunks, produced as the model generates.
 
@@ -156,22 +237,18 @@ class Generation:
         self.tokenizer = model_tokenizer(model)
         self.params = params
         self.prompt = prompt_tokens(self.tokenizer, prompt)
-        stops = params.stop_tokens
-        if stops is None:
-            eos = self.tokenizer.eos_token_id
-            stops = () if eos is None else (eos,)
-        self.stop_tokens = frozenset(stops)
         self.sampler = Sampler(params, model.config.vocab_size, rng)
-        self.tokens: list[int] = []
-        self.text = ""
-        self.finish_reason: Optional[str] = None
-        self.stop_string: Optional[str] = None
+        self.output = Detokenizer(self.tokenizer, params, strip_leading_space=strip_leading_space)
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         self._state = state
         self._logits = None
         self._pending: Optional[int] = None   # generated, not yet fed to the model
-        self._lstrip = strip_leading_space
         self._steps = self._run()
+
+    tokens = property(lambda self: self.output.tokens)
+    text = property(lambda self: self.output.text)
+    finish_reason = property(lambda self: self.output.finish_reason)
+    stop_string = property(lambda self: self.output.stop_string)
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -182,7 +259,7 @@ class Generation:
     @property
     def state(self):
         """The state after the prompt and all generated tokens (feeds the last one if needed)."""
-        if self._logits is None and self.finish_reason is None and self._pending is None:
+        if self._logits is None:
             # never started: run the prompt so the state covers it
             self._start()
         self._feed_pending()
@@ -200,53 +277,22 @@ class Generation:
             self._logits, self._state = self.model.forward([self._pending], self._state)
             self._pending = None
 
-    def _emit(self, text: str) -> str:
-        self.text += text
-        return text
-
     def _run(self) -> Iterator[str]:
+        out = self.output
         if self._logits is None:
             self._start()
-        params = self.params
-        stream = self.tokenizer.stream()
-        stopper = StopMatcher(params.stop)
-        limit = params.max_tokens
-        while limit is None or len(self.tokens) < limit:
+        while out.finish_reason is None:
             t0 = time.perf_counter()
             self._feed_pending()
             token = self.sampler.sample(self._logits)
             self.stats.generation_seconds += time.perf_counter() - t0
-            if token in self.stop_tokens:
-                self.finish_reason = "stop_token"
-                break
-            self.sampler.accept(token)
-            self.tokens.append(token)
-            self.stats.generated_tokens += 1
-            self._pending = token
-            piece = stream.push(token)
-            if self._lstrip and not self.text and not stopper.held:
-                # a reply starts at its first visible character: a leading
-                # blank line is not yet the end of the turn
-                piece = piece.lstrip()
-            text, stop = stopper.push(piece)
-            text = self._emit(text)
-            if stop is not None:
-                self.finish_reason, self.stop_string = "stop", stop
-                if text:
-                    yield text
-                return
+            text = out.push(token)
+            if out.finish_reason != "stop_token":
+                self.sampler.accept(token)
+                self.stats.generated_tokens += 1
+                self._pending = token
             if text:
                 yield text
-        else:
-            self.finish_reason = "length"
-        text, stop = stopper.push(stream.flush())
-        if stop is not None:
-            self.finish_reason, self.stop_string = "stop", stop
-        else:
-            text += stopper.flush()
-        text = self._emit(text)
-        if text:
-            yield text
 
 
 def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, state=None,
@@ -310,6 +356,16 @@ def clean_message(message: str) -> str:
     return re.sub(r"\n\s*\n+", "\n", message)
 
 
+def chat_turn(speaker: str, message: str) -> str:
+    """One turn of the World chat format: ``Speaker: message`` and the blank line that ends it.
+
+    Example:
+        >>> chat_turn("User", "Hi!\\n\\n\\nHow are you?")
+        'User: Hi!\\nHow are you?\\n\\n'
+    """
+    return f"{speaker}: {clean_message(message)}{TURN_END}"
+
+
 class ChatSession:
     """A conversation in the RWKV World chat format, held in the model's state.
 
@@ -355,7 +411,7 @@ class ChatSession:
 
     def _fresh_state(self):
         if self.system and self.system.strip():
-            text = f"System: {clean_message(self.system)}{TURN_END}"
+            text = chat_turn("System", self.system)
             _, state = prefill(self.model, prompt_tokens(model_tokenizer(self.model), text), self._initial)
             return state
         return self._initial
@@ -382,7 +438,7 @@ class ChatSession:
         # Tokenized before the last turn is closed: a refused message changes nothing.
         tokenizer = model_tokenizer(self.model)
         try:
-            prompt = tokenizer.encode(f"{self.user}: {text}{TURN_END}{self.assistant}:")
+            prompt = tokenizer.encode(f"{chat_turn(self.user, text)}{self.assistant}:")
         except InvalidArgumentError:
             # Say where in the message the problem is, not where in the turn around it.
             tokenizer.encode(text)

@@ -162,7 +162,7 @@ class State:
     def __repr__(self):
         return f"State({self.config.generation}, {self.data.size} floats, model {self.fingerprint[:12]})"
 
-    def save(self, path) -> None:
+    def save(self, path, *, extra=None) -> None:
         """Write the state to a safetensors file tagged with its model's fingerprint.
 
         The file is written under a hidden temporary name next to `path`, then
@@ -171,6 +171,8 @@ class State:
 
         Args:
             path: destination file.
+            extra: optional name -> numpy array, stored beside the state (the server's
+                state cache keeps the prompt's tokens there); `load` ignores them.
 
         Raises:
             StateFileError: the file cannot be written (no such directory, a
@@ -183,7 +185,7 @@ class State:
             raise _save_error(path, IsADirectoryError(errno.EISDIR, "Is a directory"))
         meta = {"format": "rwkvcpu-state", "fingerprint": self.fingerprint,
                 "config": json.dumps(self.config.to_metadata(), sort_keys=True)}
-        blob = to_bytes({"state": self.data}, metadata=meta)
+        blob = to_bytes({**(extra or {}), "state": self.data}, metadata=meta)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         fd = None
         try:
