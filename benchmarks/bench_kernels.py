@@ -21,7 +21,7 @@ import numpy as np
 from rwkvcpu import matrix as M
 from rwkvcpu import threads
 from rwkvcpu.kernels.stream import read_rows
-from rwkvcpu.quant.formats import FORMATS
+from rwkvcpu.formats import FORMATS
 
 SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (65536, 1024)]
 FORMAT_NAMES = ("fp32", "fp16", "int8", "int4")

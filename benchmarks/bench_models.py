@@ -4,7 +4,7 @@
     python benchmarks/bench_models.py --shapes v7-0.1b --tokens 50 --out /tmp/r.md   # a quick look
 
 For each shape: a random checkpoint in the official .pth layout
-(rwkvcpu.quant.official), converted to fp32, fp16, int8 and int4. Each
+(benchmarks/checkpoints.py), converted to fp32, fp16, int8 and int4. Each
 model is timed in a fresh process (`rwkvcpu bench --json`), and so is the
 reference package (`reference_worker.py`, strategy 'cpu fp32'). The
 memory bandwidth is measured in the same run, before and after the models
@@ -165,7 +165,7 @@ def bandwidth(threads: int) -> dict:
 def make_models(work: Path, name: str, shape, log) -> dict:
     """The .pth checkpoint and its four conversions (kept in `work` between runs)."""
     from rwkvcpu.quant.convert import convert
-    from rwkvcpu.quant.official import iter_random_official, write_pth
+    from checkpoints import iter_random_official, write_pth
 
     gen, layers, width, vocab = shape
     pth = work / f"{name}.pth"
@@ -215,7 +215,7 @@ def kl_worker(paths: list, tokens: list) -> dict:
 
 def python_overhead(work: Path, threads: int, tokens: int) -> dict:
     from rwkvcpu.quant.convert import convert
-    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    from checkpoints import random_official_state_dict, write_pth
 
     gen, layers, width, vocab = OVERHEAD_SHAPE
     pth = work / "overhead-v7.pth"

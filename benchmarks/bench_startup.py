@@ -39,7 +39,7 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_logits_s": t3 -
 def model_file(work: Path, dtype: str) -> Path:
     """The v7 0.1B-shaped model at `dtype`, made once (random official checkpoint, then converted)."""
     from rwkvcpu.quant.convert import convert
-    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    from checkpoints import random_official_state_dict, write_pth
     work.mkdir(parents=True, exist_ok=True)
     dst = work / f"v7-0.1b-{dtype}.safetensors"
     if not dst.exists():

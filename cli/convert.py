@@ -4,7 +4,7 @@ import time
 
 import click
 
-DTYPES = ("fp32", "fp16", "int8", "int4")
+from rwkvcpu.formats import DTYPES
 
 
 @click.command()
@@ -34,7 +34,7 @@ def convert(src, dst, dtype, eps, tokenizer, state, eos, quiet):
     """
     from rwkvcpu.errors import ConversionError
     from rwkvcpu.quant.convert import convert as run_convert
-    from rwkvcpu.quant.formats import get_format
+    from rwkvcpu.formats import get_format
 
     get_format(dtype)
     if eps is not None:

@@ -23,7 +23,7 @@ from rwkvcpu.config import LAYER_NORM_EPS, ModelConfig
 from rwkvcpu.errors import ModelFormatError, UnsupportedModelError
 from rwkvcpu.layouts import LORA, MATRIX, STATE, VECTOR, expected_tensors
 
-from . import formats
+from rwkvcpu import formats
 from .readers.base import OFFICIAL, RWKV_CPP
 
 
@@ -236,7 +236,7 @@ class Planned(NamedTuple):
     name: str            # canonical name
     kind: str            # MATRIX, VECTOR, LORA or STATE
     shape: tuple         # canonical float shape
-    fmt: str             # storage format name (quant/formats.py); "fp32" for non-matrices
+    fmt: str             # storage format name (rwkvcpu/formats.py); "fp32" for non-matrices
     parts: dict          # suffix -> (safetensors dtype, shape)
     source: str          # source key it is read from
     rule: Rule

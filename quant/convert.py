@@ -26,7 +26,9 @@ import numpy as np
 from rwkvcpu.config import FORMAT_NAME, FORMAT_VERSION, ModelConfig
 from rwkvcpu.errors import ConversionError, ModelFormatError
 
-from . import canonical, formats
+from rwkvcpu import formats
+
+from . import canonical
 from .detect import detect
 from .readers import open_source
 from .readers.statetune import WithState, check_state, is_state_file
@@ -37,14 +39,6 @@ TOKENIZER_NAMES = ("world", "neox-20b", "bytes")
 TOKENIZER_BY_VOCAB = {65536: "world", 50277: "neox-20b", 50304: "neox-20b", 256: "bytes"}
 PROGRESS_MIN_BYTES = 100 * 1000 * 1000
 
-QUANT_SCHEMES = {
-    "fp32": "fp32: matrices float32",
-    "fp16": "fp16: matrices float16",
-    "int8": "int8: symmetric, groups of 64 along each row, fp16 scales; "
-            "matrices whose input width is not a multiple of 64 are fp16",
-    "int4": "int4: asymmetric (scale, min), groups of 32 along each row, fp16 scale and min; "
-            "matrices whose input width is not a multiple of 32 are fp16",
-}
 QUANT_SCHEME_TAIL = "; vectors, low-rank matrices and states float32"
 
 
@@ -161,7 +155,7 @@ def _metadata(config: ModelConfig, dtype, source, tok_json, eos_token_id) -> dic
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "dtype": dtype,
-        "quant_scheme": QUANT_SCHEMES[dtype] + QUANT_SCHEME_TAIL,
+        "quant_scheme": formats.get_format(dtype).scheme + QUANT_SCHEME_TAIL,
         "source_file": source.path.name,
         "source_sha256": sha256_of(source.files),
         "source_format": source.format,

@@ -25,7 +25,7 @@ import numpy as np
 from .config import FORMAT_NAME, FORMAT_VERSION, ModelConfig
 from .errors import ModelFormatError
 from .layouts import MATRIX, expected_tensors
-from .quant.formats import detect_stored_format, get_format
+from .formats import SUFFIXES, detect_stored_format
 
 # safetensors dtype names we store, and the numpy types they map to.
 DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
@@ -33,10 +33,6 @@ _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 # A header larger than this is not a model file (safetensors itself caps it at 100 MB).
 MAX_HEADER = 100 * 1024 * 1024
-
-# Suffixes of the parts of a stored matrix (docs/FORMAT.md, "Matrix storage").
-MATRIX_SUFFIXES = ("", ".scale", ".min")
-
 
 def header_length(head: bytes, size: int, path) -> int:
     """The JSON header's length N from a safetensors file's first 8 bytes, checked against the file.
@@ -157,17 +153,6 @@ def _dtype_name(a) -> str:
     return _DTYPE_NAMES.get(np.asarray(a).dtype, str(np.asarray(a).dtype))
 
 
-def _matrix_part_shapes(fmt: str, shape: tuple) -> dict:
-    """Expected shapes of the stored parts of an (out, in) matrix in format `fmt`."""
-    out_dim, in_dim = shape
-    g = get_format(fmt).group
-    if fmt == "int8":
-        return {"": shape, ".scale": (out_dim, in_dim // g)}
-    if fmt == "int4":
-        return {"": (out_dim, in_dim // 2), ".scale": (out_dim, in_dim // g), ".min": (out_dim, in_dim // g)}
-    return {"": shape}
-
-
 def check_tensors(config: ModelConfig, arrays: Mapping[str, np.ndarray], source: str) -> dict:
     """Check tensors against the model's canonical layout and group matrix parts.
 
@@ -190,20 +175,23 @@ def check_tensors(config: ModelConfig, arrays: Mapping[str, np.ndarray], source:
     where = f"a {config.generation} model with L={config.n_layer} D={config.n_embd} V={config.vocab_size}"
     for name, (shape, kind, optional) in expected.items():
         if kind == MATRIX:
-            parts = {sfx: arrays[name + sfx] for sfx in MATRIX_SUFFIXES if name + sfx in arrays}
+            parts = {sfx: arrays[name + sfx] for sfx in SUFFIXES if name + sfx in arrays}
             if "" not in parts:
                 raise ModelFormatError(f"{source}: tensor {name!r} {list(shape)} is missing ({where})")
-            fmt = detect_stored_format({sfx: _dtype_name(a) for sfx, a in parts.items()})
-            want = _matrix_part_shapes(fmt, shape)
+            try:
+                fmt = detect_stored_format(parts)
+            except ModelFormatError as e:
+                raise ModelFormatError(f"{source}: tensor {name!r}: {e}") from None
+            want = fmt.part_shapes(shape)
             for sfx, a in parts.items():
                 if sfx not in want:
-                    raise ModelFormatError(f"{source}: tensor {name + sfx!r} is not part of a {fmt} matrix")
+                    raise ModelFormatError(f"{source}: tensor {name + sfx!r} is not part of a {fmt.name} matrix")
                 if tuple(a.shape) != want[sfx]:
                     raise ModelFormatError(
                         f"{source}: tensor {name + sfx!r} has shape {list(a.shape)}, expected {list(want[sfx])} "
-                        f"for a {fmt} matrix of shape {list(shape)} ({where})")
+                        f"for a {fmt.name} matrix of shape {list(shape)} ({where})")
                 seen.add(name + sfx)
-            out[name] = (fmt, parts)
+            out[name] = (fmt.name, parts)
             continue
         if name not in arrays:
             if optional:

@@ -336,7 +336,7 @@ class Model:
 
 def _requantize(tensors: dict, dtype: str) -> dict:
     """Store every matrix in `dtype` (dequantizing and quantizing again where it differs)."""
-    from .quant.formats import format_for_matrix, get_format
+    from .formats import format_for_matrix, get_format
     out = {}
     for name, v in tensors.items():
         if isinstance(v, tuple):
@@ -395,7 +395,7 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such file or directory")
     if dtype is not None:
-        from .quant.formats import get_format
+        from .formats import get_format
         get_format(dtype)
     if os.path.isdir(path):
         path = _model_file_in(path)

@@ -1,6 +1,6 @@
 """How many threads rwkvcpu computes with, and keeping its thread pools from fighting.
 
-Three pools could run our work: numba's (the matvec and elementwise kernels),
+Three pools could run our work: numba's (the matrix and elementwise kernels),
 the BLAS library's (numpy.matmul), and the workers that split a prompt's GEMMs
 (`parallel_for`). They take turns within one forward call, but a pool whose
 work has just finished keeps its threads spinning for a while, waiting for

@@ -91,7 +91,7 @@ def tiny_v7_file(tmp_path_factory):
     """
     from conftest import SHARED, tiny_model_path
     from rwkvcpu.quant.convert import convert
-    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    from checkpoints import random_official_state_dict, write_pth
     work = tmp_path_factory.mktemp("tiny")
     if SHARED is not None:
         src = tiny_model_path("v7")

@@ -38,7 +38,7 @@ def test_bench_text_report_with_roofline(tiny_v7_file, monkeypatch):
 
 def test_weight_stream_reads_the_tokens_bytes(tmp_path):
     """WeightStream covers the file's tensors but the embedding, in float32 rows."""
-    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    from checkpoints import random_official_state_dict, write_pth
     from rwkvcpu.quant.convert import convert
     pth = tmp_path / "m.pth"
     write_pth(pth, random_official_state_dict("v7", 2, 256, 65536, seed=3))
@@ -85,7 +85,7 @@ def test_bench_refuses_other_checkpoints_in_one_line(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    from rwkvcpu.quant.official import random_official_state_dict, write_pth
+    from checkpoints import random_official_state_dict, write_pth
     rwkvcpu_exe = str(Path(sys.executable).parent / "rwkvcpu")
     pth = tmp_path / "some.pth"
     write_pth(pth, random_official_state_dict("v7", 2, 64, 256, seed=1))

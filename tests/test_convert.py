@@ -16,7 +16,7 @@ from rwkvcpu.errors import ConversionError
 from rwkvcpu.layouts import expected_tensors
 from rwkvcpu.config import ModelConfig
 from rwkvcpu.quant.convert import convert, read_checkpoint
-from rwkvcpu.quant.official import random_official_state_dict, write_pth
+from checkpoints import random_official_state_dict, write_pth
 from rwkvcpu.quant.readers.ggml import GgmlSource
 from rwkvcpu.quant.writer import SafetensorsWriter
 

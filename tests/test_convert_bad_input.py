@@ -17,7 +17,7 @@ import pytest
 
 from conftest import tiny_model_path
 from test_convert import byte_tokenizer_json
-from rwkvcpu.quant.official import random_official_state_dict, write_pth
+from checkpoints import random_official_state_dict, write_pth
 
 RWKVCPU = str(Path(sys.executable).parent / "rwkvcpu")
 

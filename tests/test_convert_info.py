@@ -8,7 +8,7 @@ import pytest
 import rwkvcpu.tokenizers
 
 from conftest import tiny_model_path
-from rwkvcpu.quant.official import random_official_state_dict, write_pth
+from checkpoints import random_official_state_dict, write_pth
 
 NEOX_TOKENIZER = Path(rwkvcpu.tokenizers.__file__).parent / "20B_tokenizer.json"
 

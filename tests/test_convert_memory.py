@@ -18,7 +18,7 @@ import pytest
 from rwkvcpu.config import ModelConfig
 from rwkvcpu.io import read_header
 from rwkvcpu.layouts import expected_tensors
-from rwkvcpu.quant.official import iter_random_official, write_pth
+from checkpoints import iter_random_official, write_pth
 
 HAS_VMHWM = Path("/proc/self/status").is_file() and "VmHWM:" in Path("/proc/self/status").read_text()
 

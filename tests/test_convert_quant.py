@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_STEMS, tiny_model_path
 from rwkvcpu.config import ModelConfig
 from rwkvcpu.layouts import MATRIX, expected_tensors
-from rwkvcpu.quant import formats
+from rwkvcpu import formats
 from rwkvcpu.quant.convert import read_checkpoint
 
 # Relative RMS error bounds. int8 rounds to a step of max/127 per 64 weights,

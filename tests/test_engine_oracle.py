@@ -22,7 +22,7 @@ GENERATIONS = ("v4", "v5.0", "v5.1", "v5.2", "v6", "v7")
 
 def _cases():
     """(id, generation, official state dict, tokens, how to build our model)."""
-    from rwkvcpu.quant.official import random_official_state_dict
+    from checkpoints import random_official_state_dict
     rng = np.random.default_rng(123)
     cases = []
     for i, gen in enumerate(GENERATIONS):
@@ -50,7 +50,7 @@ def oracle_runs():
 def _model(case, tmp_path):
     _, gen, sd, _, how = case
     if how == "pth":
-        from rwkvcpu.quant.official import write_pth
+        from checkpoints import write_pth
         return rwkvcpu.load(write_pth(tmp_path / "m.pth", sd, dtype="fp32"), dtype="fp32")
     config, tensors = official.canonical_from_official(gen, sd)
     return rwkvcpu.load(official.write_model(tmp_path / "m.safetensors", config, tensors))

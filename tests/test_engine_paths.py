@@ -17,7 +17,7 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 N_TOKENS = 40
 
 # The int8/int4 kernels round the activations to int16 per weight group
-# (rwkvcpu/kernels/matvec.py), on both paths; the reference multiplies by the
+# (rwkvcpu/kernels/matmul.py), on both paths; the reference multiplies by the
 # dequantized weights in float64. A rounding step is max|x over the group| / 32767,
 # so float differences of ~1e-6 between the two flip some roundings and the logits
 # differ by more than float rounding alone would make them. Measured on these

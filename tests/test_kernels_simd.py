@@ -12,7 +12,7 @@ import numba
 import numpy as np
 import pytest
 
-from rwkvcpu.kernels import matvec as K
+from rwkvcpu.kernels import matmul as K
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="checks x86 instruction names")
@@ -32,18 +32,18 @@ def _int8_args():
     q = np.zeros((4, 512), np.int8)
     s = np.zeros((4, 8), np.uint16)
     return q, s, np.ones((1, 512), np.float32), np.zeros((1, 512), np.int16), np.zeros((1, 8), np.float32), \
-        np.zeros((1, 8), np.float32), np.zeros((1, 4), np.float32), False
+        np.zeros((1, 4), np.float32)
 
 
 def _int4_args():
     q = np.zeros((4, 256), np.uint8)
     s = np.zeros((4, 16), np.uint16)
     return q, s, s, np.ones((1, 512), np.float32), np.zeros((1, 512), np.int16), np.zeros((1, 16), np.float32), \
-        np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32), False
+        np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32)
 
 
 @pytest.mark.parametrize("kernel,args", [(K.matmul_i8_serial, _int8_args), (K.matmul_i4_serial, _int4_args)])
-def test_quantized_matvec_uses_integer_multiply_add(kernel, args):
+def test_quantized_matmul_uses_integer_multiply_add(kernel, args):
     ops = _vector_ops(_asm(kernel, *args()))
     # int16 pair multiply-add (AVX2 vpmaddwd; AVX-512/AVX-VNNI fuse it with the add: vpdpwssd)
     assert ops & {"vpmaddwd", "vpdpwssd"}, sorted(ops)
@@ -61,11 +61,11 @@ def test_dequantize_is_vectorised():
 
 _AVX2_CHECK = """
 import re, numpy as np, numba
-from rwkvcpu.kernels import matvec as K
+from rwkvcpu.kernels import matmul as K
 q = np.zeros((4, 256), np.uint8); s = np.zeros((4, 16), np.uint16)
 f = numba.njit(fastmath=True)(K._matmul_i4)
 f(q, s, s, np.ones((1, 512), np.float32), np.zeros((1, 512), np.int16), np.zeros((1, 16), np.float32),
-  np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32), False)
+  np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32))
 print(f.inspect_asm(f.signatures[0]))
 """
 

@@ -8,7 +8,7 @@ import pytest
 
 from rwkvcpu import matrix as M
 from rwkvcpu import threads
-from rwkvcpu.quant.formats import FORMATS
+from rwkvcpu.formats import FORMATS
 
 
 @pytest.fixture
@@ -86,11 +86,11 @@ def test_matmul_same_result_on_any_thread_count(restore_threads, fmt):
 _CACHE_CHECK = """
 import numpy as np
 from numba.np.ufunc import parallel
-from rwkvcpu.kernels import matvec as K
+from rwkvcpu.kernels import matmul as K
 w = np.ones((64, 64), np.float32); x = np.ones((1, 64), np.float32); out = np.empty((1, 64), np.float32)
-K.matmul_f32_serial(w, x, out, False)   # compiled and written to the (empty) cache first
+K.matmul_f32_serial(w, x, out)   # compiled and written to the (empty) cache first
 assert not parallel._is_initialized
-K.matmul_f32(w, x, out, False)          # must not load the serial variant's machine code
+K.matmul_f32(w, x, out)          # must not load the serial variant's machine code
 print(parallel._is_initialized)
 """
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import requires_oracle
 from rwkvcpu.config import GENERATIONS
 from rwkvcpu.quant.convert import convert, read_checkpoint
-from rwkvcpu.quant.official import official_tensors, random_official_state_dict, write_pth
+from checkpoints import official_tensors, random_official_state_dict, write_pth
 
 # Small but not degenerate: 3 layers, 4 heads of 32 (v4: no heads), vocabulary 256.
 DIMS = dict(n_layer=3, n_embd=128, vocab_size=256, head_size=32)

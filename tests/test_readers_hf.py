@@ -13,7 +13,7 @@ import pytest
 
 from rwkvcpu.errors import ModelFormatError
 from rwkvcpu.quant.convert import read_checkpoint
-from rwkvcpu.quant.official import random_official_state_dict, write_pth
+from checkpoints import random_official_state_dict, write_pth
 
 DIMS = dict(n_layer=3, n_embd=128, vocab_size=256, head_size=32)
 

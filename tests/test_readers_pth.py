@@ -12,7 +12,7 @@ import pytest
 
 from conftest import requires_oracle
 from rwkvcpu.errors import ModelFormatError, UnsafePickleError
-from rwkvcpu.quant.official import to_bf16, write_pth
+from checkpoints import to_bf16, write_pth
 from rwkvcpu.quant.readers.pth import PthSource, scan_globals
 
 

@@ -1,6 +1,5 @@
 """What every RWKV generation shares: the weight containers, the block loop,
-the v4/v5/v6 channel mix, work buffers, and the one place where the
-one-token and the sequence paths differ (`mm`).
+the v4/v5/v6 channel mix, and the work buffers.
 
 A generation module (v4.py, v5.py, v6.py, v7.py) provides:
 
@@ -9,9 +8,9 @@ A generation module (v4.py, v5.py, v6.py, v7.py) provides:
     load_channel_mix(t, prefix) -> its ChannelMix NamedTuple
     channel_mix(ffn, xn, prev, ws, x)                   x += ChannelMix(xn), prev updated
 
-Activations are (T, D) float32 blocks of T tokens: T = 1 on the one-token
-path, the prompt chunk on the sequence path. Everything except the products
-and the recurrences is elementwise over that block.
+Activations are (T, D) float32 blocks of T tokens: T = 1 when decoding, a
+prompt chunk otherwise. Everything except the matrix products (rwkvcpu/matrix.py:
+matmul) and the recurrences is elementwise over that block.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ class Tensors:
         return from_parts(fmt, {sfx: _frozen(np.ascontiguousarray(a)) for sfx, a in parts.items()})
 
     def lora(self, name: str):
-        """A small fp32 matrix (out, in), as a matrix container for mm()."""
+        """A small fp32 matrix (out, in), as a matrix container for matrix.matmul."""
         return from_parts("fp32", {"": self.vector(name)})
 
     def norm(self, prefix: str) -> Norm:
@@ -123,11 +122,6 @@ class Scratch:
             self._views.clear()
         view = self._views[name, shape] = buf[:n].reshape(shape)
         return view
-
-
-def mm(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = X @ W.T for a block of tokens.   X: (T, in) f32, out: (T, out) f32"""
-    return matmul(m, X, out)
 
 
 def load_weights(gen, config, t: Tensors) -> Weights:
@@ -174,7 +168,7 @@ def forward(gen, config, w: Weights, tokens, state, ws: Scratch, logits: Optiona
     rows = x if logits.shape[0] == T else x[T - 1:]
     xo = ws.get("xo", rows.shape)
     layer_norm(rows, w.ln_out.weight, w.ln_out.bias, LAYER_NORM_EPS, xo)
-    mm(w.head, xo, logits)
+    matmul(w.head, xo, logits)
 
 
 def load_channel_mix(t: Tensors, prefix: str) -> ChannelMix:
@@ -194,9 +188,9 @@ def channel_mix(ffn: ChannelMix, xn, prev, ws: Scratch, x) -> None:
     token_shift(xn, prev, dx)
     xm = ws.get("xm", (2, T, D))
     mix(xn, dx, ffn.maa, xm)
-    h = mm(ffn.key, xm[0], ws.get("ffn_h", (T, F)))
+    h = matmul(ffn.key, xm[0], ws.get("ffn_h", (T, F)))
     relu_square_(h)
-    r = mm(ffn.receptance, xm[1], ws.get("ffn_r", (T, D)))
+    r = matmul(ffn.receptance, xm[1], ws.get("ffn_r", (T, D)))
     sigmoid_(r)
-    y = mm(ffn.value, h, ws.get("ffn_y", (T, D)))
+    y = matmul(ffn.value, h, ws.get("ffn_y", (T, D)))
     add_product_(x, y, r)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..kernels.ops import add_, mix, mul_, sigmoid_, token_shift
 from ..kernels.wkv import wkv4
-from .common import Scratch, Tensors, channel_mix, load_channel_mix, mm  # noqa: F401  (re-exported)
+from ..matrix import matmul
+from .common import Scratch, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
 
 
 class TimeMix(NamedTuple):
@@ -47,11 +48,11 @@ def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
     token_shift(xn, state.att_x[i], dx)
     xm = ws.get("xm", (3, T, D))
     mix(xn, dx, att.maa, xm)
-    k = mm(att.key, xm[0], ws.get("k", (T, D)))
-    v = mm(att.value, xm[1], ws.get("v", (T, D)))
-    r = mm(att.receptance, xm[2], ws.get("r", (T, D)))
+    k = matmul(att.key, xm[0], ws.get("k", (T, D)))
+    v = matmul(att.value, xm[1], ws.get("v", (T, D)))
+    r = matmul(att.receptance, xm[2], ws.get("r", (T, D)))
     sigmoid_(r)
     y = ws.get("y", (T, D))
     wkv4(k, v, att.log_decay, att.bonus, state.att_aa[i], state.att_bb[i], state.att_pp[i], y)
     mul_(y, r)
-    add_(x, mm(att.output, y, ws.get("o", (T, D))))
+    add_(x, matmul(att.output, y, ws.get("o", (T, D))))

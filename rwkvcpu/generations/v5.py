@@ -20,7 +20,8 @@ import numpy as np
 from ..kernels.norms import group_norm
 from ..kernels.ops import add_, mix, mul_, silu_, token_shift
 from ..kernels.wkv import wkv5
-from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix, mm  # noqa: F401  (re-exported)
+from ..matrix import matmul
+from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
 
 
 class TimeMix(NamedTuple):
@@ -58,12 +59,12 @@ def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
     token_shift(xn, state.att_x[i], dx)
     xm = ws.get("xm", (att.maa.shape[0], T, D))
     mix(xn, dx, att.maa, xm)
-    r = mm(att.receptance, xm[0], ws.get("r", (T, D)))
-    k = mm(att.key, xm[1], ws.get("k", (T, D)))
-    v = mm(att.value, xm[2], ws.get("v", (T, D)))
+    r = matmul(att.receptance, xm[0], ws.get("r", (T, D)))
+    k = matmul(att.key, xm[1], ws.get("k", (T, D)))
+    v = matmul(att.value, xm[2], ws.get("v", (T, D)))
     g = None
     if att.gate is not None:
-        g = mm(att.gate, xm[3], ws.get("g", (T, D)))
+        g = matmul(att.gate, xm[3], ws.get("g", (T, D)))
         silu_(g)
     heads_output(att, config, r, k, v, att.decay, g, state.wkv[i], ws, x)
 
@@ -79,4 +80,4 @@ def heads_output(att, config, r, k, v, decay, g, s, ws: Scratch, x) -> None:
     group_norm(y, config.n_head, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
     if g is not None:
         mul_(y, g)
-    add_(x, mm(att.output, y, ws.get("o", (T, D))))
+    add_(x, matmul(att.output, y, ws.get("o", (T, D))))

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..kernels.ops import mix, mix_dynamic, silu_, tanh_, token_shift
 from ..kernels.wkv import decay_v6_
-from ..matrix import from_parts
-from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix, mm  # noqa: F401  (re-exported)
+from ..matrix import from_parts, matmul
+from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
 from .v5 import heads_output
 
 # Order of the five data-dependent mixes, as in the official time_maa_w2.
@@ -70,24 +70,24 @@ def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
     token_shift(xn, state.att_x[i], dx)
     xx = ws.get("xx", (1, T, D))
     mix(xn, dx, att.maa_x, xx)
-    hidden = mm(att.maa_w1, xx[0], ws.get("lora_h", (T, n_mix * E)))
+    hidden = matmul(att.maa_w1, xx[0], ws.get("lora_h", (T, n_mix * E)))
     tanh_(hidden)
     # One contiguous (T, E) block per mix: the products see the same array layout for any T.
     hidden_j = ws.get("lora_hj", (n_mix, T, E))
     np.copyto(hidden_j, hidden.reshape(T, n_mix, E).transpose(1, 0, 2))
     delta = ws.get("delta", (n_mix, T, D))
     for j in range(n_mix):
-        mm(att.maa_w2[j], hidden_j[j], delta[j])
+        matmul(att.maa_w2[j], hidden_j[j], delta[j])
     xm = ws.get("xm", (n_mix, T, D))
     mix_dynamic(xn, dx, att.maa, delta, xm)
     xw, xk, xv, xr, xg = xm
-    dh = mm(att.decay_w1, xw, ws.get("decay_h", (T, att.decay_w1.shape[0])))
+    dh = matmul(att.decay_w1, xw, ws.get("decay_h", (T, att.decay_w1.shape[0])))
     tanh_(dh)
-    w = mm(att.decay_w2, dh, ws.get("w", (T, D)))
+    w = matmul(att.decay_w2, dh, ws.get("w", (T, D)))
     decay_v6_(w, att.time_decay)
-    r = mm(att.receptance, xr, ws.get("r", (T, D)))
-    k = mm(att.key, xk, ws.get("k", (T, D)))
-    v = mm(att.value, xv, ws.get("v", (T, D)))
-    g = mm(att.gate, xg, ws.get("g", (T, D)))
+    r = matmul(att.receptance, xr, ws.get("r", (T, D)))
+    k = matmul(att.key, xk, ws.get("k", (T, D)))
+    v = matmul(att.value, xv, ws.get("v", (T, D)))
+    g = matmul(att.gate, xg, ws.get("g", (T, D)))
     silu_(g)
     heads_output(att, config, r, k, v, w, g, state.wkv[i], ws, x)

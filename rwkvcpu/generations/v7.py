@@ -22,7 +22,8 @@ import numpy as np
 from ..kernels.norms import group_norm
 from ..kernels.ops import add_, mix, mul_, relu_square_, sigmoid_, sigmoid_bias_, tanh_, token_shift
 from ..kernels.wkv import bonus_v7_, decay_v7_, keys_v7, value_residual_v7_, wkv7
-from .common import Norm, Scratch, Tensors, mm
+from ..matrix import matmul
+from .common import Norm, Scratch, Tensors
 
 _MIXES = ("r", "w", "k", "v", "a", "g")
 
@@ -89,29 +90,29 @@ def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
     mix(xn, dx, att.maa, xm)
     xr, xw, xk, xv, xa, xg = xm
 
-    r = mm(att.receptance, xr, ws.get("r", (T, D)))
-    k = mm(att.key, xk, ws.get("k", (T, D)))
-    v = mm(att.value, xv, ws.get("v", (T, D)))
+    r = matmul(att.receptance, xr, ws.get("r", (T, D)))
+    k = matmul(att.key, xk, ws.get("k", (T, D)))
+    v = matmul(att.value, xv, ws.get("v", (T, D)))
 
-    h = mm(att.w1, xw, ws.get("w_h", (T, att.w1.shape[0])))
+    h = matmul(att.w1, xw, ws.get("w_h", (T, att.w1.shape[0])))
     tanh_(h)
-    w = mm(att.w2, h, ws.get("w", (T, D)))
+    w = matmul(att.w2, h, ws.get("w", (T, D)))
     decay_v7_(w, att.w0)
 
-    h = mm(att.a1, xa, ws.get("a_h", (T, att.a1.shape[0])))
-    a = mm(att.a2, h, ws.get("a", (T, D)))
+    h = matmul(att.a1, xa, ws.get("a_h", (T, att.a1.shape[0])))
+    a = matmul(att.a2, h, ws.get("a", (T, D)))
     sigmoid_bias_(a, att.a0)
 
-    h = mm(att.g1, xg, ws.get("g_h", (T, att.g1.shape[0])))
+    h = matmul(att.g1, xg, ws.get("g_h", (T, att.g1.shape[0])))
     sigmoid_(h)
-    g = mm(att.g2, h, ws.get("g", (T, D)))
+    g = matmul(att.g2, h, ws.get("g", (T, D)))
 
     v_first = ws.get("v_first", (T, D))
     if att.v0 is None:
         np.copyto(v_first, v)
     else:
-        h = mm(att.v1, xv, ws.get("v_h", (T, att.v1.shape[0])))
-        z = mm(att.v2, h, ws.get("v_z", (T, D)))
+        h = matmul(att.v1, xv, ws.get("v_h", (T, att.v1.shape[0])))
+        z = matmul(att.v2, h, ws.get("v_z", (T, D)))
         value_residual_v7_(v, v_first, z, att.v0)
 
     kk = ws.get("kk", (T, D))
@@ -123,7 +124,7 @@ def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
     group_norm(y, H, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
     bonus_v7_(y, r, k, v, att.r_k, H)
     mul_(y, g)
-    add_(x, mm(att.output, y, ws.get("o", (T, D))))
+    add_(x, matmul(att.output, y, ws.get("o", (T, D))))
 
 
 def load_channel_mix(t: Tensors, p: str) -> ChannelMix:
@@ -138,6 +139,6 @@ def channel_mix(ffn: ChannelMix, xn, prev, ws: Scratch, x) -> None:
     token_shift(xn, prev, dx)
     xk = ws.get("xm", (1, T, D))
     mix(xn, dx, ffn.maa, xk)
-    h = mm(ffn.key, xk[0], ws.get("ffn_h", (T, ffn.key.shape[0])))
+    h = matmul(ffn.key, xk[0], ws.get("ffn_h", (T, ffn.key.shape[0])))
     relu_square_(h)
-    add_(x, mm(ffn.value, h, ws.get("ffn_y", (T, D))))
+    add_(x, matmul(ffn.value, h, ws.get("ffn_y", (T, D))))

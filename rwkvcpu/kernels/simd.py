@@ -1,4 +1,4 @@
-"""Explicit 8-lane vectors for the quantized matvec kernels.
+"""Explicit 8-lane vectors for the quantized matrix kernels (kernels/matmul.py).
 
 Why not leave it to LLVM's loop vectoriser: it does not vectorise the int4
 nibble unpack (it builds vectors a byte at a time), and an int8 or int4 group is
@@ -10,7 +10,7 @@ backend lowers it to AVX2 (`vpmaddwd`, `vcvtph2ps`, `vfmadd`), AVX-512 / AVX-VNN
 (`vpdpwssd`) or NEON, whichever the CPU numba compiles for has.
 
 Integer products: activations are quantized to int16 per weight group (see
-kernels/matvec.py), so one group's dot product is exact in int32 lanes: the
+kernels/matmul.py), so one group's dot product is exact in int32 lanes: the
 multiply-add of adjacent int16 pairs (the `pmaddwd` shape) followed by lane-wise
 adds. Bounds: |int8 q| <= 128, |xq| <= 32767: 64 products sum to < 2^28; int4:
 32 products of at most 15 * 32767 sum to < 2^24.

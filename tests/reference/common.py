@@ -7,7 +7,7 @@ formulas; they favour clarity over speed and are never used by the engine.
 import numpy as np
 
 from rwkvcpu.layouts import MATRIX, expected_tensors
-from rwkvcpu.quant.formats import get_format
+from rwkvcpu.formats import SUFFIXES, detect_stored_format
 
 LN_EPS = 1e-5
 
@@ -34,23 +34,11 @@ def dense_weights(config, stored):
     out = {}
     for name, (shape, kind, optional) in expected_tensors(config).items():
         if kind == MATRIX:
-            parts = {sfx: stored[name + sfx] for sfx in ("", ".scale", ".min") if name + sfx in stored}
-            fmt = _format_of(parts)
-            out[name] = get_format(fmt).dequantize(parts).astype(np.float64).reshape(shape)
+            parts = {sfx: stored[name + sfx] for sfx in SUFFIXES if name + sfx in stored}
+            out[name] = detect_stored_format(parts).dequantize(parts).astype(np.float64).reshape(shape)
         elif name in stored:
             out[name] = np.asarray(stored[name], dtype=np.float64)
     return out
-
-
-def _format_of(parts):
-    main = np.asarray(parts[""]).dtype
-    if main == np.float32:
-        return "fp32"
-    if main == np.float16:
-        return "fp16"
-    if main == np.int8:
-        return "int8"
-    return "int4"
 
 
 def run(config, W, tokens, time_mix, channel_mix, state):

@@ -17,7 +17,7 @@ import numpy as np
 
 from rwkvcpu.config import FORMAT_NAME, FORMAT_VERSION, OFFICIAL_GROUP_NORM_EPS, ModelConfig
 from rwkvcpu.layouts import MATRIX, expected_tensors
-from rwkvcpu.quant.formats import format_for_matrix, get_format
+from rwkvcpu.formats import format_for_matrix, get_format
 
 from .common import layer_norm
 

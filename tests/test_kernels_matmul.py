@@ -1,4 +1,4 @@
-"""The matrix kernels against quant/formats.py (the ground truth of each format), numpy, and each other.
+"""The matrix kernels against rwkvcpu/formats.py (the ground truth of each format), numpy, and each other.
 
 Every test draws its random inputs from its own seed, fixed by the test's name and
 parameters (the same inputs on every run); the seed is in the failure message.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from rwkvcpu import matrix as M
-from rwkvcpu.kernels import matvec as K
-from rwkvcpu.quant.formats import FORMATS
+from rwkvcpu.kernels import matmul as K
+from rwkvcpu.formats import FORMATS
 
 FORMAT_NAMES = ("fp32", "fp16", "int8", "int4")
 
@@ -67,6 +67,35 @@ def test_matvec_matches_dequantized_product(fmt, shape, seeded):
     assert np.all(err <= bound), f"seed {seed}: worst excess {np.max(err / bound):.3g}x the bound"
 
 
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_kernel_matches_its_plain_reference(shape, T, seeded):
+    """matmul_i8 (8 SIMD lanes) against matmul_i8_reference (the same product written plainly):
+    both round X to the same int16 activations and take each group's dot product in integers,
+    so only the summation of the float group terms c_g * dot_g differs. The SIMD kernel rounds
+    each term's factors and conversions to float32 (a few ulps) and adds the ngroups terms in
+    lanes, then across lanes; the reference sums in float64. Recursive summation bounds the
+    difference by (ngroups + 16) float32 roundings (2^-24 each) of sum_g |c_g * dot_g|, doubled."""
+    rng, seed = seeded
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 2)).astype(np.float32)
+    m, _ = _matrix("int8", w)
+    n, k = shape
+    X = np.stack([_x(rng, k) for _ in range(T)])
+    xq, xs = np.empty((T, k), np.int16), np.empty((T, k // 64), np.float32)
+    ref = np.empty((T, n), np.float32)
+    K.matmul_i8_reference(m.q, m.scale, X, xq, xs, ref)
+    out = np.empty((T, n), np.float32)
+    K.matmul_i8_serial(m.q, m.scale, X, np.empty_like(xq), np.empty_like(xs), out)
+    ng = k // 64
+    scale = m.scale.view(np.float16).astype(np.float64)                                 # (n, ng)
+    dots = np.abs(m.q.astype(np.int64).reshape(n, ng, 64)[None] *
+                  xq.astype(np.int64).reshape(T, 1, ng, 64)).sum(axis=3)              # (T, n, ng)
+    magnitude = (np.abs(scale)[None] * xs.astype(np.float64)[:, None, :] * dots).sum(axis=2)
+    bound = 2 * (ng + 16) * 2.0 ** -24 * magnitude + 1e-30
+    err = np.abs(out.astype(np.float64) - ref)
+    assert np.all(err <= bound), f"seed {seed}: worst excess {np.max(err / bound):.3g}x the bound"
+
+
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("T", [1, 5])
 def test_serial_and_parallel_kernels_agree_to_the_bit(fmt, T, seeded):
@@ -78,8 +107,8 @@ def test_serial_and_parallel_kernels_agree_to_the_bit(fmt, T, seeded):
     X = np.stack([_x(rng, w.shape[1]) for _ in range(T)])
     a = np.empty((T, 301), np.float32)
     b = np.empty((T, 301), np.float32)
-    M.KERNELS[type(m)].matmul(m, X, a, False, True)
-    M.KERNELS[type(m)].matmul(m, X, b, False, False)
+    FORMATS[fmt].matmul(m, X, a, parallel=True)
+    FORMATS[fmt].matmul(m, X, b, parallel=False)
     np.testing.assert_array_equal(a, b, err_msg=f"seed {seed}")
 
 
@@ -95,21 +124,6 @@ def test_one_token_equals_its_row_of_a_block(fmt, seeded):
     for t in range(7):
         one = M.matvec(m, X[t], np.empty(257, np.float32))
         np.testing.assert_array_equal(one, block[t], err_msg=f"seed {seed}, token {t}")
-
-
-@pytest.mark.parametrize("fmt", FORMAT_NAMES)
-def test_accumulate_adds_to_out(fmt, seeded):
-    rng, seed = seeded
-    w = rng.standard_normal((40, 128)).astype(np.float32)
-    m, _ = _matrix(fmt, w)
-    X = rng.standard_normal((3, 128)).astype(np.float32)
-    base = rng.standard_normal((3, 40)).astype(np.float32)
-    product = M.matmul(m, X, np.empty((3, 40), np.float32))
-    out = M.matmul(m, X, base.copy(), accumulate=True)
-    np.testing.assert_allclose(out, base + product, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
-    if fmt in ("fp32", "fp16"):
-        blas = M.gemm(m, X, base.copy(), accumulate=True)
-        np.testing.assert_allclose(blas, base + product, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
 
 
 @pytest.mark.parametrize("fmt", ("int8", "int4"))
@@ -142,7 +156,8 @@ def test_activation_quantization(seeded):
     xq = np.empty(x.shape, np.int16)
     xs = np.empty(7, np.float32)
     xsum = np.empty(7, np.float32)
-    K.quantize_activations(x, 0, xq, xs, xsum)
+    K.quantize_activations(x, 0, xq, xs)
+    K.group_sums(x, xsum)
     g = x.reshape(7, 32)
     np.testing.assert_allclose(xs, np.abs(g).max(axis=1) / 32767, rtol=1e-6, err_msg=f"seed {seed}")
     np.testing.assert_allclose(xsum, g.sum(axis=1), rtol=1e-5, atol=1e-5)
@@ -151,7 +166,7 @@ def test_activation_quantization(seeded):
     assert np.all(np.abs(back - g) <= xs[:, None] * 0.51), f"seed {seed}"
     # The int4 kernels' pair order for the first 6 groups: the same values, permuted.
     paired = np.empty_like(xq)
-    K.quantize_activations(x, 6, paired, xs, xsum)
+    K.quantize_activations(x, 6, paired, xs)
     from rwkvcpu.kernels.simd import INT4_PAIR_SLOT
     for g in range(6):
         for j, (k, i) in enumerate(INT4_PAIR_SLOT):

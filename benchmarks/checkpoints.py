@@ -1,5 +1,8 @@
 """BlinkDL's official checkpoints as data, and a writer of such files without torch.
 
+For tests and benchmarks only (not part of the installed package): benchmarks
+import it from this folder, pytest finds it through `pythonpath` in pyproject.toml.
+
 - `OFFICIAL_TENSORS`: the key names and shapes of an official .pth for every
   generation (v4, v5.0, v5.1, v5.2, v6, v7); released checkpoints store every
   tensor as bfloat16 (`OFFICIAL_DTYPE`).
@@ -26,8 +29,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from rwkvcpu.config import GENERATIONS
-
-from .readers.pth import contiguous_strides
+from rwkvcpu.quant.readers.pth import contiguous_strides
 
 OFFICIAL_DTYPE = "bf16"
 
@@ -424,11 +426,11 @@ OFFICIAL_TENSORS = {g: tuple(t for t in GLOBAL + BLOCK if g in t.generations) fo
 
 
 def main(argv=None):
-    """`python -m rwkvcpu.quant.official OUT.pth --generation v7 --layers 24 --width 1024 --vocab 65536`:
+    """`python benchmarks/checkpoints.py OUT.pth --generation v7 --layers 24 --width 1024 --vocab 65536`:
     write a random official-layout checkpoint (bf16), tensor by tensor, for benchmarks."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m rwkvcpu.quant.official", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python benchmarks/checkpoints.py", description=main.__doc__)
     ap.add_argument("out")
     ap.add_argument("--generation", default="v7", choices=GENERATIONS)
     ap.add_argument("--layers", type=int, default=2)

@@ -1,14 +1,17 @@
 """Matrix products, one kernel per storage format: out[t] = W @ X[t] for a block of T tokens.
 
-W is (n, m) = (out, in) in the layouts of quant/formats.py; fp16 data (values,
-scales, mins) arrive as uint16 bit patterns. Kernels write into `out` (or add to
-it, with `accumulate`) and the scratch arrays passed in; none allocates.
+W is (n, m) = (out, in) in the layouts of rwkvcpu/formats.py, whose format
+classes choose among these kernels; fp16 data (values, scales, mins) arrive as
+uint16 bit patterns. Kernels write into `out` and the scratch arrays passed in;
+none allocates.
 
-One kernel serves both paths of the engine: a generated token is T = 1 (a
-matrix-vector product), a prompt block is T > 1. The same machine code computes
-each (row, token) dot product in the same order, so the two paths give the same
-numbers to the bit. For fp32 and fp16 matrices of some size the engine's prompt
-path uses BLAS instead (rwkvcpu/matrix.py), which sums in another order.
+One kernel serves every block size: a generated token is T = 1 (a
+matrix-vector product), a prompt block or a batch of sequences T > 1. Each
+(row, token) dot product is computed by the same machine code in the same
+order whatever T is and whichever other tokens share the block, so a token's
+output is the same to the bit alone or in any block. For fp32 and fp16
+matrices of some size the engine uses BLAS for T > 1 instead
+(rwkvcpu/matrix.py), which sums in another order.
 
 Each kernel exists twice: `matmul_*` runs in parallel over blocks of output
 rows (numba's static schedule: each thread streams one contiguous run of
@@ -20,7 +23,8 @@ group (`quantize_activations`), so each group's dot product is exact integer
 arithmetic (pmaddwd / vpdpwssd) and only one int-to-float conversion and one
 FMA per group remain. The int16 rounding moves each x[j] by at most
 max|x over its group| / 65534: a relative error of ~1.5e-5, well below the
-weights' own quantization error.
+weights' own quantization error. `matmul_i8_reference` is the int8 product
+written plainly, the specification the SIMD kernel is tested against.
 """
 
 import numpy as np
@@ -39,10 +43,9 @@ _PREFETCH_BYTES = 4096
 
 
 @njit(fastmath=True, cache=True)
-def quantize_activations(x, paired, xq, xs, xsum):
-    """Per group g of G = m / ngroups consecutive x: xs[g] = max|x_g| / 32767,
-    xq = rint(x / xs[g]), xsum[g] = sum(x_g).
-    x: (m,) f32, xq: (m,) i16, xs: (ngroups,) f32, xsum: (ngroups,) f32 (all C-contiguous; G % 8 == 0)
+def quantize_activations(x, paired, xq, xs):
+    """Per group g of G = m / ngroups consecutive x: xs[g] = max|x_g| / 32767, xq = rint(x / xs[g]).
+    x: (m,) f32, xq: (m,) i16, xs: (ngroups,) f32 (all C-contiguous; G % 8 == 0)
 
     Groups g < paired (an even count; G = 32) are stored in the int4 kernels' pair order
     (simd.INT4_PAIR_SLOT: weight j of group g goes to lane 16 k + 8 (g % 2) + i of
@@ -57,12 +60,8 @@ def quantize_activations(x, paired, xq, xs, xsum):
     qg = xq.reshape((ng, gs))
     for g in range(ng):
         vmax = f32x8_zero()
-        vsum = f32x8_zero()
         for j in range(g * gs, g * gs + gs, 8):
-            v = f32x8_load(x, j)
-            vmax = f32x8_absmax(vmax, v)
-            vsum = f32x8_add(vsum, v)
-        xsum[g] = f32x8_sum(vsum)
+            vmax = f32x8_absmax(vmax, f32x8_load(x, j))
         # inf or NaN: all exponent bits set. Tested on the bits, because
         # fastmath lets LLVM assume that no float is either.
         special = np.int32(0)
@@ -85,6 +84,18 @@ def quantize_activations(x, paired, xq, xs, xsum):
                 qg[g, j] = np.int16(np.rint(xg[g, j] * inv)) if not special else np.int16(0)
 
 
+@njit(fastmath=True, cache=True)
+def group_sums(x, xsum):
+    """xsum[g] = sum of the G = m / ngroups consecutive x of group g (int4's min term).
+    x: (m,) f32, xsum: (ngroups,) f32 (C-contiguous; G % 8 == 0)"""
+    ng = xsum.shape[0]
+    gs = x.shape[0] // ng
+    for g in range(ng):
+        vsum = f32x8_zero()
+        for j in range(g * gs, g * gs + gs, 8):
+            vsum = f32x8_add(vsum, f32x8_load(x, j))
+        xsum[g] = f32x8_sum(vsum)
+
 
 # Output rows per unit of parallel work. A block's rows are taken token by token:
 # for T tokens each row is read from memory once and from the caches T times,
@@ -92,9 +103,9 @@ def quantize_activations(x, paired, xq, xs, xsum):
 ROWS = 16
 
 
-def _matmul_f32(w, X, out, accumulate):
-    """out[t, i] (+)= sum_j w[i, j] X[t, j]
-    w: (n, m) f32, X: (T, m) f32, out: (T, n) f32, accumulate: bool (add to out instead of storing)"""
+def _matmul_f32(w, X, out):
+    """out[t, i] = sum_j w[i, j] X[t, j]
+    w: (n, m) f32, X: (T, m) f32, out: (T, n) f32"""
     n, m = w.shape
     T = X.shape[0]
     for b in prange((n + ROWS - 1) // ROWS):
@@ -103,12 +114,12 @@ def _matmul_f32(w, X, out, accumulate):
                 acc = np.float32(0.0)
                 for j in range(m):
                     acc += w[i, j] * X[t, j]
-                out[t, i] = out[t, i] + acc if accumulate else acc
+                out[t, i] = acc
 
 
-def _matmul_f16(w, X, out, accumulate):
-    """out[t, i] (+)= sum_j f32(w[i, j]) X[t, j]
-    w: (n, m) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32, accumulate: bool"""
+def _matmul_f16(w, X, out):
+    """out[t, i] = sum_j f32(w[i, j]) X[t, j]
+    w: (n, m) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32"""
     n, m = w.shape
     T = X.shape[0]
     for b in prange((n + ROWS - 1) // ROWS):
@@ -117,16 +128,19 @@ def _matmul_f16(w, X, out, accumulate):
                 acc = np.float32(0.0)
                 for j in range(m):
                     acc += f16_to_f32(w[i, j]) * X[t, j]
-                out[t, i] = out[t, i] + acc if accumulate else acc
+                out[t, i] = acc
 
 
-def _matmul_i8(q, scale, X, xq, xs, xsum, out, accumulate):
-    """out[t, i] (+)= sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j]   (groups of 64)
-    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32, accumulate: bool;
-    scratch: xq: (T, m) i16, xs, xsum: (T, m/64) f32 (X's rows quantized, see quantize_activations)."""
+def _matmul_i8(q, scale, X, xq, xs, out):
+    """out[t, i] = sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j]   (groups of 64)
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32;
+    scratch: xq: (T, m) i16, xs: (T, m/64) f32 (X's rows quantized, see quantize_activations).
+
+    The groups' terms are summed in 8 lanes (group g in lane g % 8, the tail groups
+    spread by dot_group), then across the lanes: matmul_i8_reference in another order."""
     T = X.shape[0]
     for t in range(T):
-        quantize_activations(X[t], 0, xq[t], xs[t], xsum[t])
+        quantize_activations(X[t], 0, xq[t], xs[t])
     n, m = q.shape
     ng = scale.shape[1]
     full = ng // 8 * 8
@@ -140,15 +154,14 @@ def _matmul_i8(q, scale, X, xq, xs, xsum, out, accumulate):
                 for g in range(full, ng):
                     acc = dot_group(acc, q, i * m + 64 * g, xq, t * m + 64 * g,
                                     f16_to_f32(scale[i, g]) * xs[t, g])
-                v = f32x8_sum(acc)
-                out[t, i] = out[t, i] + v if accumulate else v
+                out[t, i] = f32x8_sum(acc)
 
 
-def _matmul_i4(q, scale, minimum, X, xq, xs, xsum, out, accumulate):
-    """out[t, i] (+)= sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j] + min[i, g] xsum[t, g]
+def _matmul_i4(q, scale, minimum, X, xq, xs, xsum, out):
+    """out[t, i] = sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j] + min[i, g] xsum[t, g]
     (groups of 32)
     q: (n, m/2) u8 (byte b of a group: weight b in the low nibble, b + 16 in the high),
-    scale, minimum: (n, m/32) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32, accumulate: bool;
+    scale, minimum: (n, m/32) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32;
     scratch: xq: (T, m) i16, xs, xsum: (T, m/32) f32 (see quantize_activations; the groups of
     complete blocks of 8 take xq in pair order, the rest in natural order)."""
     n, half = q.shape
@@ -157,7 +170,8 @@ def _matmul_i4(q, scale, minimum, X, xq, xs, xsum, out, accumulate):
     full = ng // 8 * 8
     T = X.shape[0]
     for t in range(T):
-        quantize_activations(X[t], full, xq[t], xs[t], xsum[t])
+        quantize_activations(X[t], full, xq[t], xs[t])
+        group_sums(X[t], xsum[t])
     for b in prange((n + ROWS - 1) // ROWS):
         for t in range(T):
             for i in range(b * ROWS, min(n, b * ROWS + ROWS)):
@@ -176,8 +190,28 @@ def _matmul_i4(q, scale, minimum, X, xq, xs, xsum, out, accumulate):
                     acc = dot_group(acc, q, i * half + 16 * g, xq, t * m + 32 * g,
                                     f16_to_f32(scale[i, g]) * xs[t, g])
                     tail += f16_to_f32(minimum[i, g]) * xsum[t, g]
-                v = f32x8_sum(acc) + tail
-                out[t, i] = out[t, i] + v if accumulate else v
+                out[t, i] = f32x8_sum(acc) + tail
+
+
+@njit(cache=True)
+def matmul_i8_reference(q, scale, X, xq, xs, out):
+    """What matmul_i8 computes, written plainly (the specification its tests compare against):
+    X's rows rounded to int16 per group of 64 (quantize_activations), then
+    out[t, i] = sum_g scale[i, g] xs[t, g] sum_{j in g} q[i, j] xq[t, j], each group's dot
+    product in integers, the sum over groups in float64.
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32;
+    scratch: xq: (T, m) i16, xs: (T, m/64) f32"""
+    n, m = q.shape
+    for t in range(X.shape[0]):
+        quantize_activations(X[t], 0, xq[t], xs[t])
+        for i in range(n):
+            acc = 0.0
+            for g in range(m // 64):
+                dot = 0
+                for j in range(64 * g, 64 * g + 64):
+                    dot += np.int64(q[i, j]) * np.int64(xq[t, j])
+                acc += np.float64(f16_to_f32(scale[i, g])) * np.float64(xs[t, g]) * dot
+            out[t, i] = acc
 
 
 matmul_f32 = compile_kernel(_matmul_f32, parallel=True)
