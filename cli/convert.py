@@ -23,14 +23,23 @@ from rwkvcpu.formats import DTYPES
 @click.option("--eos-token-id", "eos", default=None, metavar="ID",
               help="End-of-text token to record, where generation stops (default: the tokenizer's "
                    "own, 0 for World); -1 for none.")
+@click.option("--lora", "lora", multiple=True, metavar="ADAPTER",
+              help="RWKV-PEFT LoRA or PiSSA checkpoint to merge before quantizing (repeatable).")
+@click.option("--lora-alpha", "lora_alpha", multiple=True, metavar="ALPHA",
+              help="The lora_alpha a LoRA adapter was trained with: once for all, or once per --lora "
+                   "in order (W += alpha / rank * B A).")
+@click.option("--pissa-init", "pissa_init", multiple=True, metavar="FILE",
+              help="The init_pissa.pth of a PiSSA adapter given with --lora (W += B A - B0 A0).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(src, dst, dtype, eps, tokenizer, state, eos, quiet):
-    """Convert SRC (official .pth, rwkv.cpp .bin, Hugging Face folder) into DST,
-    an rwkvcpu .safetensors file.
+def convert(src, dst, dtype, eps, tokenizer, state, eos, lora, lora_alpha, pissa_init, quiet):
+    """Convert SRC (official .pth, rwkv.cpp .bin, llama.cpp .gguf, Hugging Face
+    folder) into DST, an rwkvcpu .safetensors file.
 
     \b
-    Example:
+    Examples:
       rwkvcpu convert RWKV-x070-World-0.1B.pth rwkv7-0.1b-int8.safetensors --dtype int8
+      rwkvcpu convert rwkv7-0.4b-Q4_K_M.gguf rwkv7-0.4b-int4.safetensors --dtype int4
+      rwkvcpu convert RWKV-x060-World-1B6.pth tuned.safetensors --lora rwkv-0.pth --lora-alpha 32
     """
     from rwkvcpu.errors import ConversionError
     from rwkvcpu.quant.convert import convert as run_convert
@@ -47,9 +56,16 @@ def convert(src, dst, dtype, eps, tokenizer, state, eos, quiet):
             eos = int(eos)
         except ValueError:
             raise ConversionError(f"--eos-token-id {eos!r} is not a token id (an integer, -1 for none)") from None
+    alphas = []
+    for a in lora_alpha:
+        try:
+            alphas.append(float(a))
+        except ValueError:
+            raise ConversionError(f"--lora-alpha {a!r} is not a number (e.g. 32)") from None
     t0 = time.perf_counter()
     meta = run_convert(src, dst, dtype=dtype, group_norm_eps=eps, tokenizer=tokenizer,
-                       progress=not quiet, state=state, eos_token_id=eos)
+                       progress=not quiet, state=state, eos_token_id=eos, lora=lora, lora_alpha=alphas,
+                       pissa_init=pissa_init)
     if not quiet:
         import os
         size = os.path.getsize(dst)
@@ -62,9 +78,9 @@ def convert(src, dst, dtype, eps, tokenizer, state, eos, quiet):
 @click.command()
 @click.argument("file")
 def info(file):
-    """Describe FILE: an rwkvcpu model, official .pth, rwkv.cpp .bin, Hugging Face
-    folder or state-tuning file (generation, dimensions, parameters, dtypes,
-    size on disk, metadata)."""
+    """Describe FILE: an rwkvcpu model, official .pth, rwkv.cpp .bin, llama.cpp
+    .gguf, Hugging Face folder, state-tuning file or RWKV-PEFT adapter
+    (generation, dimensions, parameters, dtypes, size on disk, metadata)."""
     from rwkvcpu.quant.info import describe
 
     rows = describe(file)

@@ -30,6 +30,7 @@ from rwkvcpu import formats
 
 from . import canonical
 from .detect import detect
+from .lora import MergedSource, open_adapters
 from .readers import open_source
 from .readers.statetune import WithState, check_state, is_state_file
 
@@ -105,8 +106,12 @@ def sha256_of(paths) -> str:
     return h.hexdigest()
 
 
-def open_model(src, *, group_norm_eps=None, tokenizer="world", state=None):
-    """Open a checkpoint (plus an optional state-tuning file) and detect it.
+def open_model(src, *, group_norm_eps=None, tokenizer="world", state=None, lora=(), lora_alpha=(),
+               pissa_init=()):
+    """Open a checkpoint (plus optional adapters and state-tuning file) and detect it.
+
+    Adapters (quant/lora.py) and the state file are checked against the model
+    here, before any tensor data is read.
 
     Returns:
         (source, ModelConfig); close the source when done.
@@ -123,6 +128,8 @@ def open_model(src, *, group_norm_eps=None, tokenizer="world", state=None):
                 f"{source.path}: is a state-tuning file (only time_state); convert the model it was "
                 f"tuned from and pass this file with --state")
         config = detect(source, group_norm_eps=group_norm_eps, tokenizer=tokenizer)
+        if lora or pissa_init:
+            source = MergedSource(source, open_adapters(source, config, lora, lora_alpha, pissa_init))
         if state is not None:
             st = open_source(state)
             try:
@@ -167,6 +174,13 @@ def _metadata(config: ModelConfig, dtype, source, tok_json, eos_token_id) -> dic
     if isinstance(source, WithState):
         meta["state_file"] = source.state.path.name
         meta["state_sha256"] = sha256_of(source.state.files)
+        source = source.model
+    if isinstance(source, MergedSource):
+        meta["adapters"] = json.dumps([
+            {"file": ad.path.name, "sha256": sha256_of(ad.source.files), "kind": ad.kind,
+             **({"alpha": float(ad.alpha), "rank": ad.rank} if ad.kind == "lora" else
+                {"init_file": ad.init.path.name, "init_sha256": sha256_of(ad.init.files)})}
+            for ad in source.adapters])
     return meta
 
 
@@ -178,10 +192,15 @@ class _Job(NamedTuple):
     metadata: dict       # str -> str, as written
 
 
-def _prepare(src, *, dtype, group_norm_eps, tokenizer, state, eos_token_id) -> _Job:
+def _prepare(src, *, dtype, group_norm_eps, tokenizer, state, eos_token_id, lora=(), lora_alpha=(),
+             pissa_init=()) -> _Job:
     formats.get_format(dtype)
-    source, config = open_model(src, group_norm_eps=group_norm_eps, state=state)
+    source, config = open_model(src, group_norm_eps=group_norm_eps, state=state, lora=lora,
+                                lora_alpha=lora_alpha, pissa_init=pissa_init)
     try:
+        if tokenizer is None:
+            # A GGUF file names its vocabulary; other sources leave it to the vocabulary size.
+            tokenizer = source.tokenizer_name()
         tok_name, tok_json = resolve_tokenizer(tokenizer, config.vocab_size, source.path)
         eos = check_eos_token_id(eos_token_id, config.vocab_size)
         config = config.replace(tokenizer=tok_name)
@@ -206,7 +225,7 @@ def _stream(job: _Job, progress):
 
 
 def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, progress=None, state=None,
-                    eos_token_id=None):
+                    eos_token_id=None, lora=(), lora_alpha=(), pissa_init=()):
     """Read a checkpoint into memory exactly as `convert` would write it.
 
     Args:
@@ -218,6 +237,7 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
         progress: optional callable(n_bytes) called as source tensors are done.
         state: optional state-tuning file to merge as att.time_state.
         eos_token_id: end-of-text token to record (-1: none; None: the tokenizer's own).
+        lora, lora_alpha, pissa_init: RWKV-PEFT adapters to merge (see convert).
 
     Returns:
         (metadata: dict[str, str], tensors: dict[str, np.ndarray]) with the
@@ -229,7 +249,7 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
         ('v4', (128,))
     """
     job = _prepare(path, dtype=dtype, group_norm_eps=group_norm_eps, tokenizer=tokenizer, state=state,
-                   eos_token_id=eos_token_id)
+                   eos_token_id=eos_token_id, lora=lora, lora_alpha=lora_alpha, pissa_init=pissa_init)
     try:
         tensors = {}
         for parts in _stream(job, progress):
@@ -252,7 +272,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _inputs(src, state, tokenizer) -> list:
+def _inputs(src, state, tokenizer, adapters=()) -> list:
     """Every file the conversion reads, as (what it is, path)."""
     from .readers import input_files
 
@@ -264,10 +284,13 @@ def _inputs(src, state, tokenizer) -> list:
                  f"{role} of the state-tuning folder {state} (--state)", f) for role, f in input_files(state)]
     if tokenizer is not None and str(tokenizer) not in TOKENIZER_NAMES:
         out.append(("the tokenizer.json given with --tokenizer", Path(tokenizer)))
+    for flag, path in adapters:
+        out += [(f"an adapter given with {flag}" if role == "the file" else f"{role} of the adapter folder {path}", f)
+                for role, f in input_files(path)]
     return out
 
 
-def _check_destination(src, dst, state=None, tokenizer=None) -> Path:
+def _check_destination(src, dst, state=None, tokenizer=None, adapters=()) -> Path:
     """Refuse a destination that is not a regular file, or is a file the conversion reads.
 
     Conversion replaces DST only once it has read everything, but a DST that is
@@ -277,14 +300,14 @@ def _check_destination(src, dst, state=None, tokenizer=None) -> Path:
     from .writer import check_destination
 
     dst = check_destination(dst)
-    for role, f in _inputs(src, state, tokenizer):
+    for role, f in _inputs(src, state, tokenizer, adapters):
         if _same_file(f, dst):
             raise ConversionError(f"{dst}: is {role}, which this conversion reads; choose another output file")
     return dst
 
 
 def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=True, state=None,
-            eos_token_id=None) -> dict:
+            eos_token_id=None, lora=(), lora_alpha=(), pissa_init=()) -> dict:
     """Convert a checkpoint into an rwkvcpu safetensors file, streaming.
 
     Args:
@@ -303,6 +326,11 @@ def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=Tr
             a callable(n_bytes) receives progress instead; False/None shows nothing.
         state: optional state-tuning file merged as the initial state.
         eos_token_id: end-of-text token to record (-1: none; None: the tokenizer's own).
+        lora: RWKV-PEFT adapter files (LoRA, or PiSSA with its init file) merged
+            in float32 before quantization (quant/lora.py).
+        lora_alpha: LoRA's alpha: one value for every LoRA adapter, or one per
+            adapter in order (PiSSA adapters take none).
+        pissa_init: the init_pissa.pth of each PiSSA adapter.
 
     Returns:
         the metadata written.
@@ -311,10 +339,11 @@ def convert(src, dst, *, dtype, group_norm_eps=None, tokenizer=None, progress=Tr
         >>> convert("tiny-rwkv-7v0-834K-FP32.bin", "tiny7-int8.safetensors", dtype="int8")["generation"]
         'v7'
     """
-    dst = _check_destination(src, dst, state, tokenizer)
+    adapters = [("--lora", p) for p in lora] + [("--pissa-init", p) for p in pissa_init]
+    dst = _check_destination(src, dst, state, tokenizer, adapters)
     with terminate_after_cleanup():
         job = _prepare(src, dtype=dtype, group_norm_eps=group_norm_eps, tokenizer=tokenizer, state=state,
-                       eos_token_id=eos_token_id)
+                       eos_token_id=eos_token_id, lora=lora, lora_alpha=lora_alpha, pissa_init=pissa_init)
         try:
             _write(job, dst, progress)
         finally:

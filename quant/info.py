@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from rwkvcpu.config import FORMAT_NAME, ModelConfig
-from rwkvcpu.errors import RwkvCpuError
+from rwkvcpu.errors import ConversionError, RwkvCpuError
 from rwkvcpu.layouts import expected_tensors
 
-from . import canonical
+from . import canonical, lora
 from .convert import open_model
 from .readers import open_source
 from .readers.safetensors_file import SafetensorsSource
@@ -69,7 +70,8 @@ def describe(path) -> dict:
 
     Args:
         path: an rwkvcpu .safetensors file, official .pth, rwkv.cpp .bin,
-            Hugging Face folder, or state-tuning file.
+            llama.cpp .gguf, Hugging Face folder, state-tuning file, or
+            RWKV-PEFT adapter (LoRA/PiSSA checkpoint, PiSSA init file).
 
     Returns:
         dict label -> str, in display order.
@@ -87,6 +89,8 @@ def describe(path) -> dict:
         names = src.tensors()
         if is_state_file(names):
             return _describe_state(src)
+        if lora.is_adapter(names):
+            return _describe_adapter(src)
     finally:
         src.close()
     source, cfg = open_model(path, tokenizer="?")
@@ -96,7 +100,8 @@ def describe(path) -> dict:
         rows.update(_config_rows(cfg))
         n_params = sum(int(np.prod(i.shape)) for i in infos)
         rows["parameters"] = _count(n_params)
-        rows["tensors"] = f"{len(infos)}: {_dtype_counts(infos)}"
+        stored = source.stored()
+        rows["tensors"] = f"{len(stored)}: {_dtype_counts(stored)}"
         size = _size_on_disk(source.files)
         rows["size on disk"] = f"{size:,} bytes ({_human(size)})"
         if source.group_norm_eps(cfg.family) is not None and cfg.head_size:
@@ -106,6 +111,9 @@ def describe(path) -> dict:
         try:
             canonical.plan(source, cfg, "fp32")
             rows["convertible"] = "yes"
+            source.tokenizer_name()
+        except ConversionError as e:
+            rows["convertible"] = f"yes, with --tokenizer ({str(e).split(': ', 1)[-1].split('; pass')[0]})"
         except RwkvCpuError as e:
             rows["convertible"] = f"no: {e}"
     finally:
@@ -147,4 +155,31 @@ def _describe_state(src) -> dict:
             "tensors": f"{len(infos)}: {_dtype_counts(infos)}",
             "size on disk": f"{_size_on_disk(src.files):,} bytes",
             "use": "rwkvcpu convert MODEL DST --state FILE"}
+    return rows
+
+
+def _describe_adapter(src) -> dict:
+    """An RWKV-PEFT adapter: what it adapts (per layer and module), its rank, what it replaces."""
+    infos = list(src.tensors().values())
+    names = [i.name for i in infos]
+    init = lora.is_pissa_init(names)
+    pairs = lora.low_rank_pairs(src, lora._INIT if init else lora._LORA)
+    modules = collections.Counter(re.sub(r"^blocks\.\d+\.", "", t)[:-len(".weight")] for t in pairs)
+    layers = sorted({int(m.group(1)) for t in pairs for m in [re.match(r"^blocks\.(\d+)\.", t)] if m})
+    ranks = sorted({src.info(p.a).shape[0] for p in pairs.values()})
+    replaced = [n for n in names if not (lora._LORA.match(n) or lora._INIT.match(n))]
+    rows = {"file": str(src.path),
+            "format": f"RWKV-PEFT {'PiSSA init file' if init else 'LoRA/PiSSA adapter'} ({src.format})",
+            "rank": ", ".join(str(r) for r in ranks),
+            "adapted weights": f"{len(pairs)}: " + ", ".join(f"{m} x{n}" for m, n in sorted(modules.items())),
+            "layers": f"{layers[0]}..{layers[-1]}" if layers else "none"}
+    if replaced:
+        shown = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+        rows["replaced tensors"] = f"{len(replaced)}: {shown}"
+    rows["parameters"] = _count(sum(int(np.prod(i.shape)) for i in infos))
+    rows["tensors"] = f"{len(infos)}: {_dtype_counts(infos)}"
+    rows["size on disk"] = f"{_size_on_disk(src.files):,} bytes"
+    rows["use"] = ("rwkvcpu convert MODEL DST --lora CHECKPOINT --pissa-init FILE" if init else
+                   "rwkvcpu convert MODEL DST --lora FILE --lora-alpha ALPHA (LoRA), or with --pissa-init "
+                   "INIT (PiSSA)")
     return rows

@@ -15,12 +15,14 @@ from .base import OFFICIAL, RWKV_CPP, Source, TensorInfo, open_checkpoint_file  
 
 
 def _open_file(path: Path) -> Source:
-    from . import ggml, pth, safetensors_file
+    from . import ggml, gguf_file, pth, safetensors_file
 
     with open_checkpoint_file(path) as f:
         head = f.read(16)
     if ggml.is_ggml(head):
         return ggml.GgmlSource(path)
+    if gguf_file.is_gguf(head):
+        return gguf_file.GgufSource(path)
     if head.startswith(pth.ZIP_MAGIC):
         return pth.PthSource(path)
     if head.startswith(pth.LEGACY_MAGIC[:3]):
@@ -30,7 +32,7 @@ def _open_file(path: Path) -> Source:
         return safetensors_file.SafetensorsSource(path)
     raise ModelFormatError(
         f"{path}: unrecognised file (starts with {head[:8].hex()}); expected an official .pth, "
-        f"an rwkv.cpp .bin, a .safetensors file or a Hugging Face folder")
+        f"an rwkv.cpp .bin, a llama.cpp .gguf, a .safetensors file or a Hugging Face folder")
 
 
 def open_source(path) -> Source:
@@ -38,7 +40,8 @@ def open_source(path) -> Source:
 
     Args:
         path: an official .pth (or pytorch_model.bin), an rwkv.cpp .bin, a
-            .safetensors file, or a Hugging Face model folder.
+            llama.cpp .gguf (rwkv6, rwkv7), a .safetensors file, or a Hugging
+            Face model folder.
 
     Returns:
         a Source; close it (or use it as a context manager) when done.

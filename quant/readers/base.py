@@ -60,9 +60,22 @@ class Source:
         """Epsilon of ln_x that this source's implementation uses (None: official)."""
         return None
 
+    def tokenizer_name(self):
+        """The tokenizer the source names itself (a GGUF file's vocabulary), or None: chosen by vocabulary size.
+
+        Raises:
+            ConversionError: the source names a tokenizer rwkvcpu does not have.
+        """
+        return None
+
     def tensors(self) -> dict:
         """name -> TensorInfo, in file order."""
         return self._infos
+
+    def stored(self) -> list:
+        """TensorInfo of the tensors as the file stores them (for `info`); the same as
+        tensors() except where a reader presents one stored tensor as several."""
+        return list(self._infos.values())
 
     def info(self, name: str) -> TensorInfo:
         try:

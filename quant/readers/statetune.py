@@ -72,6 +72,9 @@ class WithState(Source):
     def group_norm_eps(self, family):
         return self.model.group_norm_eps(family)
 
+    def tokenizer_name(self):
+        return self.model.tokenizer_name()
+
     def _owner(self, name):
         return self.state if name in self.state.tensors() else self.model
 
