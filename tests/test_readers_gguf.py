@@ -39,6 +39,9 @@ FILES = {
     "v7-d64-Q8_0.gguf": ("v7-d64", {"F32": 36, "Q8_0": 22, "F16": 4}),
     "v6-d64-F16.gguf": ("v6-d64", {"F32": 36, "F16": 18}),
     "v7-world-F16.gguf.xz": ("v7-world", {"F32": 36, "F16": 26}),
+    "v6-d64-mixed.gguf": ("v6-d64", {"F32": 36, "Q8_0": 3, "Q5_1": 3, "Q5_0": 4, "Q4_1": 4, "Q4_0": 4}),
+    "v7-d256-Q4_K_M.gguf": ("v7-d256", {"F32": 26, "Q4_K": 7, "Q6_K": 1}),
+    "v6-d256-Q5_K_M.gguf": ("v6-d256", {"F32": 20, "Q5_K": 9, "Q6_K": 1}),
 }
 FLOAT_FILES = [f for f in FILES if f.split("-")[-1].split(".")[0] in ("F32", "F16", "BF16")]
 QUANT_FILES = [f for f in FILES if f not in FLOAT_FILES]
@@ -51,9 +54,12 @@ QUANT_FILES = [f for f in FILES if f not in FLOAT_FILES]
 # legacy siblings. Bounds are those figures with 50% headroom for the blocks' spread.
 REL_ERROR = {"Q8_0": 0.008, "Q5_0": 0.06, "Q5_1": 0.06, "Q4_0": 0.12, "Q4_1": 0.12,
              "Q6_K": 0.03, "Q5_K": 0.06, "Q4_K": 0.12}
-# Mean KL(official || GGUF) of the next-token distributions over TOKENS, per quantized file
-# (measured values in tests/fixtures/gguf/README.md; bounds about twice those).
-KL_BOUND = {"v7-d64-Q8_0.gguf": 2.5e-4}
+# Mean KL(official || GGUF) of the next-token distributions over TOKENS, per quantized file:
+# about twice the values measured (tests/fixtures/gguf/README.md), which only float summation
+# order (AVX2 or AVX-512 builds, threads) can move. Random weights with a wide head make these
+# larger than a trained model's would be.
+KL_BOUND = {"v7-d64-Q8_0.gguf": 2.5e-4, "v6-d64-mixed.gguf": 0.012, "v7-d256-Q4_K_M.gguf": 0.016,
+            "v6-d256-Q5_K_M.gguf": 0.005}
 
 
 def fixture(name, tmp_path):
