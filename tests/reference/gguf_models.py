@@ -6,7 +6,7 @@
     write_hf_folder(name, dir) -> the Hugging Face folder llama.cpp's convert_hf_to_gguf.py reads:
                              fla's RWKV7ForCausalLM for v7, Rwkv6ForCausalLM for v6
 
-Run from tests/ to write every folder: `python -m reference.gguf_models OUT_DIR`.
+Run from tests/ to write every folder: `PYTHONPATH=../benchmarks python -m reference.gguf_models OUT_DIR`.
 
 The weights are bf16 values (as in released checkpoints), so F32, F16 and BF16
 files hold them exactly (F16 up to its subnormals). The "world" model has the full
