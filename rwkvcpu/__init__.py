@@ -8,7 +8,7 @@ Example:
 """
 
 from .config import ModelConfig
-from .errors import (ConversionError, InvalidArgumentError, ModelFormatError, RwkvCpuError, StateFileError,
+from .errors import (ConversionError, ExtraNotInstalledError, InvalidArgumentError, ModelFormatError, RwkvCpuError, StateFileError,
                      StateMismatchError, UnsafePickleError, UnsupportedModelError)
 
 __version__ = "0.1.0"
@@ -31,4 +31,5 @@ def __getattr__(name):
 
 __all__ = ["load", "Model", "State", "state_layout", "ModelConfig", "RwkvCpuError",
            "ModelFormatError", "UnsafePickleError", "UnsupportedModelError",
-           "ConversionError", "StateMismatchError", "StateFileError", "InvalidArgumentError"]
+           "ConversionError", "StateMismatchError", "StateFileError", "InvalidArgumentError",
+           "ExtraNotInstalledError"]

@@ -37,6 +37,10 @@ class InvalidArgumentError(RwkvCpuError, ValueError):
     """A sampling option, prompt or token id given by the caller is out of range."""
 
 
+class ExtraNotInstalledError(RwkvCpuError, ImportError):
+    """An optional capability is used without its extra installed; the message says what to pip install."""
+
+
 class StateFileError(RwkvCpuError, OSError):
     """A state file cannot be written: no such directory, a directory, permission denied, disk full.
 

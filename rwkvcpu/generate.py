@@ -143,13 +143,19 @@ class Detokenizer:
         params: SamplingParams (its stop, stop_tokens and max_tokens are used here).
         strip_leading_space: drop whitespace before the first visible character
             (a chat reply starts after "Assistant:").
+        constraint: this sequence's rwkvcpu.structured.ConstraintState, or None:
+            each token taken advances it, its end-of-text token is a stop token,
+            and the sequence ends when it is complete. (The caller masks the
+            logits with ``constraint.mask`` before sampling.)
 
     Attributes:
         tokens: the ids taken so far (stop tokens excluded).
         text: the text emitted so far.
         finish_reason: None while running, then "stop" (a stop string), "stop_token"
-            (end-of-text or another stop token) or "length" (max_tokens reached).
+            (end-of-text or another stop token), "constraint" (the constraint is
+            complete: nothing more can follow) or "length" (max_tokens reached).
         stop_string: the stop string that ended it, if any.
+        constraint: the ConstraintState, or None.
 
     Example:
         >>> out = Detokenizer(model.tokenizer, SamplingParams(stop=["\\n"], max_tokens=20))
@@ -157,11 +163,16 @@ class Detokenizer:
         ...     print(out.push(sampler.sample(logits)), end="")   # (feeding the model left out)
     """
 
-    def __init__(self, tokenizer, params: SamplingParams, *, strip_leading_space: bool = False):
+    def __init__(self, tokenizer, params: SamplingParams, *, strip_leading_space: bool = False,
+                 constraint=None):
         stops = params.stop_tokens
         if stops is None:
             eos = tokenizer.eos_token_id
             stops = () if eos is None else (eos,)
+        self.constraint = constraint
+        if constraint is not None:
+            # the constraint allows end-of-text only where the output may end
+            stops = tuple(stops) + (constraint.eos_token,)
         self.stop_tokens = frozenset(stops)
         self.max_tokens = params.max_tokens
         self.tokens: list[int] = []
@@ -184,6 +195,8 @@ class Detokenizer:
             self.finish_reason = "stop_token"
             return self._flush()
         self.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         piece = self._stream.push(token)
         if self._lstrip and not self.text and not self._stopper.held:
             # a reply starts at its first visible character: a leading
@@ -194,7 +207,10 @@ class Detokenizer:
             self.finish_reason, self.stop_string = "stop", stop
             return self._emit(text)
         text = self._emit(text)
-        if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+        if self.constraint is not None and self.constraint.done:
+            self.finish_reason = "constraint"
+            text += self._flush()
+        elif self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
             self.finish_reason = "length"
             text += self._flush()
         return text
@@ -223,8 +239,9 @@ class Generation:
         tokens: ids generated so far (stop tokens excluded).
         text: text emitted so far.
         finish_reason: None while running, then "stop" (a stop string),
-            "stop_token" (end-of-text or another stop token) or "length"
-            (max_tokens reached).
+            "stop_token" (end-of-text or another stop token), "constraint"
+            (the output is complete: the constraint lets nothing follow) or
+            "length" (max_tokens reached).
         stop_string: the stop string that ended it, if any.
         stats: GenerationStats.
         state: (property) the state after the prompt and every token in
@@ -232,13 +249,17 @@ class Generation:
     """
 
     def __init__(self, model, prompt: Prompt, params: SamplingParams, state=None, *,
-                 rng: Optional[np.random.Generator] = None, strip_leading_space: bool = False):
+                 rng: Optional[np.random.Generator] = None, strip_leading_space: bool = False,
+                 constraint=None):
         self.model = model
         self.tokenizer = model_tokenizer(model)
         self.params = params
         self.prompt = prompt_tokens(self.tokenizer, prompt)
         self.sampler = Sampler(params, model.config.vocab_size, rng)
-        self.output = Detokenizer(self.tokenizer, params, strip_leading_space=strip_leading_space)
+        # a structured.Constraint: this generation follows it in its own state
+        following = None if constraint is None else constraint.start(self.tokenizer, model.config.vocab_size)
+        self.output = Detokenizer(self.tokenizer, params, strip_leading_space=strip_leading_space,
+                                  constraint=following)
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         self._state = state
         self._logits = None
@@ -284,6 +305,9 @@ class Generation:
         while out.finish_reason is None:
             t0 = time.perf_counter()
             self._feed_pending()
+            if out.constraint is not None:
+                # the logits are this generation's own (a new array per forward)
+                out.constraint.mask(self._logits)
             token = self.sampler.sample(self._logits)
             self.stats.generation_seconds += time.perf_counter() - t0
             text = out.push(token)
@@ -295,8 +319,29 @@ class Generation:
                 yield text
 
 
+# The keyword arguments that ask for structured output (rwkvcpu.structured.make_constraint).
+CONSTRAINT_KEYS = ("json_schema", "json_object", "regex", "grammar", "choices", "constraint")
+
+
+def pop_constraint(options: dict):
+    """Take the constraint keywords out of `options`; the compiled Constraint, or None.
+
+    ``constraint=`` passes one already compiled (structured.make_constraint),
+    to reuse it across requests.
+    """
+    given = {k: options.pop(k) for k in CONSTRAINT_KEYS if k in options}
+    compiled = given.pop("constraint", None)
+    given = {k: v for k, v in given.items() if v is not None and v is not False}
+    if compiled is not None and given:
+        raise InvalidArgumentError(f"give one constraint at most, got constraint and {' and '.join(given)}")
+    if compiled is not None or not given:
+        return compiled
+    from .structured import make_constraint
+    return make_constraint(**given)
+
+
 def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, state=None,
-             **sampling) -> Generation:
+             **options) -> Generation:
     """Generate a continuation of a prompt, as an iterator of text chunks.
 
     Args:
@@ -305,35 +350,46 @@ def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, 
         params: SamplingParams; keyword options override its fields.
         state: continue from this state (e.g. a previous Generation's
             ``state``) instead of a fresh one; it is not changed.
-        **sampling: any SamplingParams field: temperature, top_p, top_k,
+        **options: any SamplingParams field: temperature, top_p, top_k,
             min_p, presence_penalty, frequency_penalty, penalty_decay,
             repetition_penalty, logit_bias, banned_tokens, stop, stop_tokens,
-            max_tokens, seed.
+            max_tokens, seed; and at most one constraint on the output
+            (needs ``rwkvcpu[structured]``; see rwkvcpu.structured.make_constraint):
+            json_schema (dict or JSON text), json_object=True (any JSON
+            object), regex, grammar (Lark or GBNF text), choices (strings),
+            or constraint (one compiled by make_constraint).
 
     Returns:
         a Generation: iterate it for text chunks; afterwards its tokens,
         finish_reason, stats and state describe what happened.
 
     Raises:
-        InvalidArgumentError: empty prompt, unknown option or bad value
-            (raised here, before anything is computed).
+        InvalidArgumentError: empty prompt, unknown option, bad value or bad
+            constraint (raised here, before anything is computed).
+        ExtraNotInstalledError: a constraint without llguidance installed.
 
     Example:
         >>> for chunk in generate(model, "Once upon a time", max_tokens=100, seed=7):
         ...     print(chunk, end="", flush=True)
+        >>> "".join(generate(model, "Pick a colour:", choices=["red", "green", "blue"]))
+        'green'
     """
-    return Generation(model, prompt, make_params(params, **sampling), state)
+    constraint = pop_constraint(options)
+    return Generation(model, prompt, make_params(params, **options), state, constraint=constraint)
 
 
 def complete(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, state=None,
-             **sampling) -> str:
+             **options) -> str:
     """The whole continuation of a prompt as one string (see generate for the arguments).
 
     Example:
         >>> complete(model, "1, 2, 3,", temperature=0, max_tokens=8)
         ' 4, 5, 6, 7,'
+        >>> json.loads(complete(model, "A person:", json_schema={"type": "object",
+        ...     "properties": {"name": {"type": "string"}}, "required": ["name"]}))
+        {'name': 'Alice'}
     """
-    return "".join(generate(model, prompt, params, state=state, **sampling))
+    return "".join(generate(model, prompt, params, state=state, **options))
 
 
 # ---------------------------------------------------------------------------
@@ -420,7 +476,9 @@ class ChatSession:
         """Send a message; return the reply as an iterator of text chunks.
 
         The reply may be read partly or not at all: the next call (or
-        ``state``, ``save``) closes the turn properly either way.
+        ``state``, ``save``) closes the turn properly either way. Besides
+        sampling options, a constraint on this reply may be given (json_schema,
+        json_object, regex, grammar, choices; see generate).
 
         Raises:
             InvalidArgumentError: the message is empty or holds text the
@@ -431,6 +489,7 @@ class ChatSession:
         text = clean_message(message)
         if not text:
             raise InvalidArgumentError("the message is empty")
+        constraint = pop_constraint(sampling)
         params = self.params
         if sampling:
             params = make_params(params, **sampling)
@@ -446,7 +505,7 @@ class ChatSession:
         self._close_turn()
         self._message = text
         self._reply = Generation(self.model, prompt, params, self._state, rng=self._rng,
-                                 strip_leading_space=True)
+                                 strip_leading_space=True, constraint=constraint)
         return self._reply
 
     def ask(self, message: str, **sampling) -> str:

@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -89,6 +89,9 @@ class Request:
         logits_processors: callables (generated token ids, logits (V,) float32) -> None that
             change the logits in place before sampling, e.g. a mask of the tokens a
             constraint allows; applied to a copy, in order.
+        constraint: a rwkvcpu.structured.Constraint (compiled once for the request): each
+            choice follows it in its own state, which masks that choice's logits and
+            ends it when the output is complete.
     """
 
     prompt: Sequence[int]
@@ -99,6 +102,7 @@ class Request:
     close_turn: Optional[Callable[[str], list]] = None
     strip_leading_space: bool = False
     logits_processors: Sequence[Callable] = ()
+    constraint: Optional[Any] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +336,7 @@ class Scheduler:
 
         Raises:
             InvalidArgumentError: an empty prompt, a token id outside the vocabulary,
-                n or logprobs out of range.
+                n or logprobs out of range, a constraint this model's tokenizer cannot serve.
             QueueFullError: max_queue requests already wait (carries retry_after seconds).
             SchedulerStoppedError: the scheduler is stopping.
         """
@@ -363,6 +367,10 @@ class Scheduler:
             raise InvalidArgumentError(f"the number of top logprobs must be an integer from 0 to "
                                        f"{MAX_TOP_LOGPROBS}, got {k!r}")
         request.params.check_vocab(self.vocab_size)
+        if request.constraint is not None:
+            # compiled for this vocabulary here (once, kept by the Constraint): a constraint
+            # the tokenizer cannot serve is refused on submit, not in the loop
+            request.constraint.start(self.tokenizer, self.vocab_size)
 
     def retry_after(self) -> int:
         """Seconds after which a refused client may try again: the queue's length in mean request times."""
@@ -499,7 +507,9 @@ class Scheduler:
             rng = np.random.default_rng(seed if index == 0 else [seed, index])
         sampler = Sampler(request.params, self.vocab_size, rng)
         sampler.observe(request.prompt)
-        output = Detokenizer(self.tokenizer, request.params, strip_leading_space=request.strip_leading_space)
+        following = None if request.constraint is None else request.constraint.start(self.tokenizer, self.vocab_size)
+        output = Detokenizer(self.tokenizer, request.params, strip_leading_space=request.strip_leading_space,
+                             constraint=following)
         return _Sequence(handle, index, slot, sampler, output)
 
     def _read(self, seq: _Sequence, chunk: int, row: np.ndarray) -> None:
@@ -534,10 +544,12 @@ class Scheduler:
     def _sample(self, seq: _Sequence, row: np.ndarray) -> None:
         request = seq.handle.request
         logits = row
-        if request.logits_processors:
+        if request.logits_processors or seq.output.constraint is not None:
             logits = np.array(row, np.float32)
             for process in request.logits_processors:
                 process(seq.output.tokens, logits)
+            if seq.output.constraint is not None:
+                seq.output.constraint.mask(logits)
         token = seq.sampler.sample(logits)
         logprob = top = None
         if request.logprobs is not None:

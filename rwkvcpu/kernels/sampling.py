@@ -48,3 +48,30 @@ def logit_histogram(logits, top, width, bucket, count, mass):
         mass[b] += e
         total += e
     return total
+
+
+@njit(cache=True)
+def mask_logits(logits, bitmask):
+    """Set to -inf every logit whose bit in `bitmask` is 0 (the tokens a constraint forbids).
+
+    Bit i of the mask is bit (i % 32) of word i // 32, as llguidance writes it;
+    whole words of allowed (-1) or forbidden (0) tokens are handled at once.
+
+    Args:
+        logits: (V,) float32 or float64, changed in place.
+        bitmask: (ceil(V / 32),) int32; bits past V are ignored.
+    """
+    V = logits.shape[0]
+    for w in range(bitmask.shape[0]):
+        word = bitmask[w]
+        if word == -1:
+            continue
+        start = w * 32
+        stop = min(start + 32, V)
+        if word == 0:
+            for i in range(start, stop):
+                logits[i] = -math.inf
+        else:
+            for i in range(start, stop):
+                if not (word >> (i - start)) & 1:
+                    logits[i] = -math.inf

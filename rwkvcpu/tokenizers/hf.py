@@ -72,6 +72,13 @@ class HFTokenizer(Tokenizer):
                                  if t.get("special") and t.get("content") in EOS_NAMES), None)
         self.eos_token_id = eos_token_id
         self._bytes = self._byte_table(vocab, added) if _is_byte_level(spec.get("decoder")) else None
+        # Byte-level vocabularies know each token's bytes exactly (token_bytes); others decode whole sequences.
+        self.byte_level = self._bytes is not None
+
+    @property
+    def tokenizer_json(self) -> str:
+        """The tokenizer.json, as the library serialises it (for engines that read it themselves)."""
+        return self._hf.to_str()
 
     @staticmethod
     def _byte_table(vocab: dict[str, int], added: dict[int, dict]) -> list[bytes]:
