@@ -14,10 +14,11 @@ from rwkvcpu.formats import DTYPES
               help="Storage of the large matrices; vectors and low-rank matrices stay fp32.")
 @click.option("--eps", default=None, metavar="FLOAT",
               help="Group-norm epsilon of ln_x to record (default: the source's own; "
-                   "official v5-v7 64e-5, rwkv.cpp v5 1e-5).")
+                   "official v5-v7 and llama.cpp .gguf 64e-5, rwkv.cpp v5 1e-5).")
 @click.option("--tokenizer", default=None, metavar="NAME|PATH",
               help="world, neox-20b, bytes, or a tokenizer.json to embed, of at most as many tokens "
-                   "as the model has logits (default: chosen by vocabulary size).")
+                   "as the model has logits (default: a .gguf file's own World vocabulary, otherwise "
+                   "chosen by vocabulary size).")
 @click.option("--state", default=None, metavar="FILE",
               help="State-tuning file (blocks.N.att.time_state) to store as the initial state.")
 @click.option("--eos-token-id", "eos", default=None, metavar="ID",

@@ -212,6 +212,10 @@ def test_cli_convert_with_lora_and_info(tmp_path):
                  "adapted weights:  12: att.key x2, att.output x2, att.receptance x2, att.value x2, ffn.key x2, "
                  "ffn.value x2", "replaced tensors: 1: blocks.0.ln1.weight"):
         assert line in info.stdout, info.stdout
+    write_pth(tmp_path / "init_pissa.pth", {k.replace(".lora_", ".init_lora_"): v for k, v in ad.items() if "lora" in k})
+    info = run_cli("info", tmp_path / "init_pissa.pth")
+    assert info.returncode == 0 and "format:          RWKV-PEFT PiSSA init file (pth)" in info.stdout, info.stdout
+    assert "use:             rwkvcpu convert MODEL DST --lora CHECKPOINT --pissa-init FILE" in info.stdout
     out = tmp_path / "tuned.safetensors"
     r = run_cli("convert", pth, out, "--lora", tmp_path / "rwkv-0.pth", "--dtype", "int8", "-q")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs --lora-alpha" in r.stderr

@@ -338,3 +338,33 @@ def test_corrupt_bytes_refused_in_one_line(tmp_path):
         if r is not None:
             assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
             assert not out.exists()
+
+
+def test_fuzzed_headers_fail_in_one_line_or_read(tmp_path):
+    """Random byte changes in the header and random cuts: our error or a good read, nothing else, quickly."""
+    import time
+
+    from rwkvcpu.errors import RwkvCpuError
+
+    data = bytearray(SMALL.read_bytes())
+    header_end = gguf.GGUFReader(SMALL).data_offset
+    rng = np.random.default_rng(14)
+    path = tmp_path / "fuzz.gguf"
+    outcomes = collections.Counter()
+    t0 = time.monotonic()
+    for i in range(150):
+        blob = bytearray(data)
+        if i % 3 == 0:
+            blob = blob[:int(rng.integers(1, len(blob)))]
+        else:
+            for pos in rng.integers(4, header_end, size=int(rng.integers(1, 4))):
+                # counts and lengths are little-endian u64/u32: large values come from the high bytes
+                blob[pos] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(blob))
+        try:
+            read_checkpoint(path, dtype="fp32", tokenizer="bytes")
+            outcomes["read"] += 1
+        except RwkvCpuError as e:
+            assert "\n" not in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50 and time.monotonic() - t0 < 120, outcomes

@@ -137,8 +137,11 @@ def _strict_reader_class():
     return StrictReader
 
 
-def _parse(path, size):
+def _parse(path, mapped):
     """(metadata, [(name, type, numpy shape, data offset, bytes)]) of a GGUF file, by the gguf package.
+
+    The package maps the file object `mapped` (a base.MappedFile) already opened and checked,
+    rather than opening the path a second time.
 
     Raises:
         ModelFormatError: one line for a file the package cannot read, or the package is missing.
@@ -149,14 +152,16 @@ def _parse(path, size):
         raise ModelFormatError(
             f"{path}: is a GGUF file; reading it needs the gguf package: pip install 'rwkvcpu[gguf]'") from None
     try:
-        reader = _strict_reader_class()(str(path))
+        # np.memmap, which the reader calls on its argument, takes an open file as well as a path.
+        reader = _strict_reader_class()(mapped._f)
         if reader.byte_order != "I":
             raise ModelFormatError(f"{path}: is a big-endian GGUF file, which rwkvcpu does not read")
         fields = {name: _value(f) for name, f in reader.fields.items()}
         tensors = [(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())),
                     int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
     except _Short as e:
-        raise ModelFormatError(f"{path}: truncated GGUF file (needs bytes up to {e.end}, file has {size})") from None
+        raise ModelFormatError(
+            f"{path}: truncated GGUF file (needs bytes up to {e.end}, file has {mapped.size})") from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path}: unreadable GGUF file ({str(e)[:160]})") from None
     return fields, tensors
@@ -248,7 +253,7 @@ class GgufSource(MappedSource):
 
     def _index(self):
         p = self.path
-        fields, tensors = _parse(p, self._file.size)
+        fields, tensors = _parse(p, self._file)
         self.metadata = fields
         arch = fields.get("general.architecture")
         if arch in FOREIGN_RWKV:
