@@ -162,8 +162,8 @@ def bandwidth(threads: int) -> dict:
     return {int(k): v for k, v in out.items()} | {"busy": busy}
 
 
-def make_models(work: Path, name: str, shape, log) -> dict:
-    """The .pth checkpoint and its four conversions (kept in `work` between runs)."""
+def make_models(work: Path, name: str, shape, log, dtypes=DTYPES) -> dict:
+    """The .pth checkpoint and its conversions to `dtypes` (kept in `work` between runs)."""
     from rwkvcpu.quant.convert import convert
     from checkpoints import iter_random_official, write_pth
 
@@ -175,7 +175,7 @@ def make_models(work: Path, name: str, shape, log) -> dict:
         os.replace(str(pth) + ".tmp", pth)
         log(f"  wrote {pth.name} ({pth.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
     paths = {"pth": pth}
-    for dtype in DTYPES:
+    for dtype in dtypes:
         out = work / f"{name}-{dtype}.safetensors"
         if not out.exists():
             t = time.perf_counter()
@@ -266,6 +266,41 @@ def _bench_cmd(path, threads, tokens, prompt, bandwidth=True):
 
 
 # ------------------------------------------------------------------ report
+
+# Other benchmarks (bench_serve.py) keep their own sections of RESULTS.md between these markers;
+# rewriting the file keeps them.
+SECTION = "<!-- section: {} -->"
+SECTION_END = "<!-- end of section -->"
+
+
+def _sections(text: str) -> dict:
+    """The marked sections of a results file: title -> the whole block, markers included."""
+    out, lines, title, block = {}, text.splitlines(), None, []
+    for line in lines:
+        if line.startswith("<!-- section: "):
+            title, block = line[len("<!-- section: "):-len(" -->")], [line]
+        elif title is not None:
+            block.append(line)
+            if line == SECTION_END:
+                out[title] = "\n".join(block)
+                title = None
+    return out
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write bench_models' report to `path`, keeping the other benchmarks' sections already there."""
+    kept = _sections(path.read_text()) if path.exists() else {}
+    path.write_text(text.rstrip("\n") + "\n" + "".join(f"\n{block}\n" for block in kept.values()))
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    """Put `body` under the heading `## title` in `path`, replacing that section, keeping the rest."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{SECTION.format(title)}\n## {title}\n\n{body.rstrip()}\n{SECTION_END}"
+    old = _sections(text).get(title)
+    text = text.replace(old, block) if old else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
 
 def _row(shape, dtype, r, ref, kl):
     bw = r["bandwidth_gbs"] * 1e9
@@ -506,7 +541,7 @@ def main():
         saved["census"] = {int(k): v for k, v in saved.get("census", {}).items()}
         saved["bandwidth"] = [{int(k) if k.isdigit() else k: v for k, v in b.items()} for b in saved["bandwidth"]]
         args.threads = args.threads or max(k for k in saved["bandwidth"][0] if isinstance(k, int))
-        Path(args.out).write_text(report(saved, info, args, 0.0))
+        write_results(Path(args.out), report(saved, info, args, 0.0))
         return
     if args.kl_worker:
         tokens = [int(t) for t in args.kl_worker[0].split(",")]
@@ -562,10 +597,10 @@ def main():
             log("threads running at once (share of samples): " + ", ".join(
                 f"{k}: {100 * v:.1f}%" for k, v in results["census"].items()))
         # Write as we go: a long run that fails late still leaves its numbers.
-        Path(args.out).write_text(report(results, info, args, time.perf_counter() - t_start))
+        write_results(Path(args.out), report(results, info, args, time.perf_counter() - t_start))
 
     results["bandwidth"].append(bandwidth(args.threads))
-    Path(args.out).write_text(report(results, info, args, time.perf_counter() - t_start))
+    write_results(Path(args.out), report(results, info, args, time.perf_counter() - t_start))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": info, **results}, indent=1, default=str))
     # (report() recorded the command, date and duration in results["run"] above.)
     log(f"wrote {args.out}")

@@ -20,6 +20,7 @@ COMMANDS = {
     "info": ("rwkvcpu.cli.convert", "info"),
     "perplexity": ("rwkvcpu.cli.perplexity", "perplexity"),
     "bench": ("rwkvcpu.cli.bench", "bench"),
+    "serve": ("rwkvcpu.cli.serve", "serve"),
 }
 
 # Bare `rwkvcpu`: click >= 8.2 raises this usage error where 8.1 printed the help and exited 0.
@@ -48,6 +49,7 @@ def cli():
       rwkvcpu generate "Once upon a time"
       rwkvcpu convert model.pth model-int8.safetensors --dtype int8
       rwkvcpu info model-int8.safetensors
+      rwkvcpu serve model-int8.safetensors      (pip install 'rwkvcpu[server]')
     """
 
 

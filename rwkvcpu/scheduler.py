@@ -289,7 +289,8 @@ class Scheduler:
         model: a Model (anything with state_pool, step, config, tokenizer).
         max_batch: sequences that step together; also the number of state slots.
         prefill_budget: prompt tokens read per step, over all sequences.
-        max_queue: requests that may wait for a slot; more are refused (QueueFullError).
+        max_queue: requests that may wait for a slot when every slot is taken; more are
+            refused (QueueFullError).
         cache: a StateCache, or None.
         observer: an Observer for measurements.
         clock: time source (seconds), for the measurements; tests pass a fake one.
@@ -337,7 +338,8 @@ class Scheduler:
         Raises:
             InvalidArgumentError: an empty prompt, a token id outside the vocabulary,
                 n or logprobs out of range, a constraint this model's tokenizer cannot serve.
-            QueueFullError: max_queue requests already wait (carries retry_after seconds).
+            QueueFullError: every slot is taken and max_queue requests already wait
+                (carries retry_after seconds).
             SchedulerStoppedError: the scheduler is stopping.
         """
         self._check(request)
@@ -345,9 +347,11 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the server is busy: {len(self._waiting)} requests are waiting; "
-                                     f"try again shortly", self.retry_after())
+            # Requests that will find a free slot at the next step do not count as queued.
+            free = max(0, self.pool.free - self._reserved)
+            if len(self._waiting) >= self.max_queue + free:
+                raise QueueFullError(f"the server is busy: {len(self._waiting) - free} requests are waiting "
+                                     f"for a free sequence; try again shortly", self.retry_after())
             self._waiting.append(handle)
             self._cond.notify()
         return handle

@@ -171,13 +171,23 @@ def test_cancel_frees_the_slot_before_the_next_step():
 def test_a_full_queue_refuses_with_a_retry_time():
     model = BatchFake("ab")
     scheduler = Scheduler(model, max_batch=1, max_queue=2)
-    for _ in range(2):
+    # one request for the free slot, two waiting: the fourth is refused
+    for _ in range(3):
         scheduler.submit(Request([97], GREEDY))
     with pytest.raises(QueueFullError) as e:
         scheduler.submit(Request([97], GREEDY))
     assert e.value.retry_after >= 1
-    scheduler.run_once()            # one admitted: room in the queue again
+    scheduler.run_once()            # one admitted: still two waiting for the taken slot
+    with pytest.raises(QueueFullError):
+        scheduler.submit(Request([97], GREEDY))
+    drain(scheduler, list(scheduler._waiting))
     scheduler.submit(Request([97], GREEDY))
+    # no queue at all: requests are taken while a slot is free, refused once none is
+    scheduler = Scheduler(model, max_batch=1, max_queue=0)
+    scheduler.submit(Request([97], GREEDY.replace(max_tokens=50)))
+    scheduler.run_once()
+    with pytest.raises(QueueFullError):
+        scheduler.submit(Request([97], GREEDY))
 
 
 def test_bad_requests_are_refused_on_submit():
