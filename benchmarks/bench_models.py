@@ -162,14 +162,16 @@ def bandwidth(threads: int) -> dict:
     return {int(k): v for k, v in out.items()} | {"busy": busy}
 
 
-def make_models(work: Path, name: str, shape, log, dtypes=DTYPES) -> dict:
-    """The .pth checkpoint and its conversions to `dtypes` (kept in `work` between runs)."""
+def make_models(work: Path, name: str, shape, log, dtypes=DTYPES, keep_pth=True) -> dict:
+    """The .pth checkpoint and its conversions to `dtypes` (kept in `work` between runs; without
+    keep_pth the checkpoint is only written when a conversion needs it)."""
     from rwkvcpu.quant.convert import convert
     from checkpoints import iter_random_official, write_pth
 
     gen, layers, width, vocab = shape
     pth = work / f"{name}.pth"
-    if not pth.exists():
+    missing = [d for d in dtypes if not (work / f"{name}-{d}.safetensors").exists()]
+    if not pth.exists() and (keep_pth or missing):
         t = time.perf_counter()
         write_pth(str(pth) + ".tmp", iter_random_official(gen, layers, width, vocab, seed=1))
         os.replace(str(pth) + ".tmp", pth)
