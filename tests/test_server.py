@@ -217,19 +217,16 @@ def test_the_second_turn_reads_only_the_new_turn(model, client):
     tok = model.tokenizer
     history = [{"role": "system", "content": "You are a storyteller of the sea. " * 20},
                {"role": "user", "content": "Tell me about the old lighthouse keeper and his boat."}]
-    first = client.chat.completions.create(model="rwkv-test", messages=history, max_tokens=40, seed=1)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # The reply ends at its first full stop (a stop string), so that the turn is complete; the server
+    # then reads the reply as the next request will hold it and caches the state after it.
+    first = client.chat.completions.create(model="rwkv-test", messages=history, max_tokens=300, seed=1, stop=["."])
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 and first.choices[0].finish_reason == "stop"
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "What happened next?"}]
     second = client.chat.completions.create(model="rwkv-test", messages=history, max_tokens=10, seed=1)
     new_turn = tok.encode(chat_turn("User", "What happened next?")) + tok.encode("Assistant:")
-    read = second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
-    if first.choices[0].finish_reason == "stop":
-        assert read == len(new_turn)
-    else:
-        # a reply cut by max_tokens is not a finished turn: the cache resumes after the first prompt
-        assert read == second.usage.prompt_tokens - first.usage.prompt_tokens
-    # a third conversation sharing only the system prompt resumes after it
+    assert second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens == len(new_turn)
+    # a conversation sharing only the system prompt resumes after it
     other = [history[0], {"role": "user", "content": "Who are you?"}]
     third = client.chat.completions.create(model="rwkv-test", messages=other, max_tokens=1)
     assert third.usage.prompt_tokens_details.cached_tokens == len(tok.encode(chat_turn("System", history[0]["content"])))
@@ -267,7 +264,8 @@ def test_error_statuses_through_the_client(server, client, guarded):
         ok.completions.create(model="rwkv-test", prompt="x" * 3000)
     assert e.value.status_code == 413
     # one slot and no queue: while a stream holds the slot, the next request is refused
-    stream = ok.completions.create(model="rwkv-test", prompt="hello", max_tokens=500, stream=True)
+    stream = ok.completions.create(model="rwkv-test", prompt="hello", max_tokens=500, stream=True,
+                                   logit_bias={"0": -100})     # no end-of-text: it runs until closed
     next(iter(stream))
     with pytest.raises(openai.APIStatusError) as e:
         ok.completions.create(model="rwkv-test", prompt="hello", max_tokens=2)
@@ -328,17 +326,21 @@ def test_routes_methods_auth_and_cors(server, guarded):
 
 
 def test_a_client_that_disconnects_frees_its_sequence(server, client):
+    # 2,000 tokens without end-of-text: only the disconnect can end it early
     stream = client.completions.create(model="rwkv-test", prompt="Once", max_tokens=2000, stream=True,
-                                       temperature=1.0, stop=None)
+                                       temperature=1.0, logit_bias={"0": -100})
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
-    deadline = time.monotonic() + 30
+    steps = server.scheduler.steps
+    deadline = time.monotonic() + 60
     while metric(server.url, "rwkvcpu_active_sequences") and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert metric(server.url, "rwkvcpu_active_sequences") == 0
     assert server.scheduler.pool.free == server.scheduler.max_batch
+    # freed within a few steps of the disconnect, not after the 2,000 tokens
+    assert server.scheduler.steps - steps < 100
 
 
 def test_start_and_stop_in_process(model):
