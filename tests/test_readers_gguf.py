@@ -368,3 +368,24 @@ def test_fuzzed_headers_fail_in_one_line_or_read(tmp_path):
             assert "\n" not in str(e)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 50 and time.monotonic() - t0 < 120, outcomes
+
+
+def test_older_v6_files_with_one_tensor_per_lerp(tmp_path):
+    """llama.cpp files from before the token-shift lerps were fused (2024) read the same."""
+    src = HERE / "v6-d64-F16.gguf"
+    reader = gguf.GGUFReader(src)
+    fused = {t.name: np.array(t.data) for t in reader.tensors if t.name.endswith("time_mix_lerp_fused.weight")}
+    add = {}
+    for name, rows in fused.items():
+        for r, c in enumerate("wkvrg"):
+            add[name.replace("lerp_fused", f"lerp_{c}")] = (np.ascontiguousarray(rows.reshape(5, -1)[r]),
+                                                           gguf.GGMLQuantizationType.F32)
+    old = rewrite(src, tmp_path / "old.gguf", drop=tuple(fused), add=add)
+    _, a = read_checkpoint(old, dtype="fp32", tokenizer="bytes")
+    _, b = read_checkpoint(src, dtype="fp32", tokenizer="bytes")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in b)
+    # and a v7 without the gate's token shift (5 rows: llama.cpp's wkv_has_gate=False) is refused
+    five = {"blk.0.time_mix_lerp_fused.weight": (np.zeros((5, 1, 1, 64), np.float32), gguf.GGMLQuantizationType.F32)}
+    path = rewrite(SMALL, tmp_path / "nogate.gguf", drop=tuple(five), add=five)
+    with pytest.raises(UnsupportedModelError, match="not 6 token-shift rows"):
+        read_checkpoint(path, tokenizer="bytes")
