@@ -389,3 +389,11 @@ def test_older_v6_files_with_one_tensor_per_lerp(tmp_path):
     path = rewrite(SMALL, tmp_path / "nogate.gguf", drop=tuple(five), add=five)
     with pytest.raises(UnsupportedModelError, match="not 6 token-shift rows"):
         read_checkpoint(path, tokenizer="bytes")
+
+
+def test_without_the_gguf_package_one_line(monkeypatch):
+    """Without the extra, a .gguf is recognised and the message says what to install."""
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ModelFormatError, match=r"is a GGUF file; reading it needs the gguf package: "
+                                               r"pip install 'rwkvcpu\[gguf\]'"):
+        read_checkpoint(SMALL, tokenizer="bytes")
