@@ -31,6 +31,7 @@ from ..sampling import SamplingParams, make_params
 from ..scheduler import Failed, Finished, QueueFullError, Request, Scheduler, SchedulerStoppedError, Token
 from .metrics import Metrics
 from .schemas import ChatRequest, CompletionRequest
+from .tools import ToolPlan, call_text, plan_tools, response_format_constraint
 
 log = logging.getLogger("rwkvcpu.server")
 
@@ -236,17 +237,25 @@ class Service:
     def submit(self, request: Request) -> "object":
         return self.scheduler.submit(request, loop=asyncio.get_running_loop())
 
-    def chat_prompt(self, body: ChatRequest) -> tuple:
-        """The messages in the World chat format, as tokens, with the boundaries after each message."""
+    def chat_prompt(self, body: ChatRequest, tools: str = "") -> tuple:
+        """The messages in the World chat format, as tokens, with the boundaries after each message.
+
+        `tools` (a system turn describing the functions the reply may call) comes first;
+        an assistant's tool calls are its reply, a tool's result a "Tool" turn."""
         encode = self.tokenizer.encode
         tokens, boundaries = [], []
+        if tools:
+            tokens += encode(chat_turn("System", tools))
+            boundaries.append(len(tokens))
         for m in body.messages:
             if m.role in ("system", "developer"):
                 tokens += encode(chat_turn("System", m.text()))
             elif m.role == "user":
                 tokens += encode(chat_turn("User", m.text()))
+            elif m.role == "tool":
+                tokens += encode(chat_turn("Tool", m.text()))
             else:
-                tokens += self.assistant + self.reply_tokens(m.text())
+                tokens += self.assistant + self.reply_tokens(m.text() or call_text(m.tool_calls))
             boundaries.append(len(tokens))
         tokens += self.assistant
         boundaries.append(len(tokens))
@@ -406,21 +415,28 @@ def create_app(model, *, settings: Optional[Settings] = None, scheduler: Optiona
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
         service.check_model(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported by this server yet", param="tools", code="unsupported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported by this server yet",
-                           param="response_format", code="unsupported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        tokens, boundaries = service.chat_prompt(body)
+        try:
+            constraint = response_format_constraint(body.response_format)
+        except InvalidArgumentError as e:
+            raise APIError(400, f"response_format: {e}", param="response_format", code="invalid_value") from None
+        try:
+            plan = plan_tools(body.tools, body.tool_choice)
+        except InvalidArgumentError as e:
+            raise APIError(400, str(e), param="tools", code="invalid_value") from None
+        if constraint is not None and plan.constraint is not None:
+            raise APIError(400, "response_format json and tools at once are not supported: give tool_choice "
+                                "\"none\" or a text response_format", param="response_format", code="unsupported")
+        tokens, boundaries = service.chat_prompt(body, plan.system)
         service.check_prompt(tokens)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = service.params(body, limit, extra_stop=(TURN_END,))
         request = Request(tokens, params, n=body.n, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                          boundaries=boundaries, close_turn=service.reply_tokens, strip_leading_space=True)
+                          boundaries=boundaries, close_turn=service.reply_tokens, strip_leading_space=True,
+                          constraint=constraint or plan.constraint)
         handles = _submit_all(service, [request])
-        answer = ChatAnswer(service, body, handles)
+        answer = ChatAnswer(service, body, handles, plan)
         if body.stream:
             return EventSourceResponse(answer.stream(), ping=15, sep="\n")
         return await answer.whole(http)
@@ -492,8 +508,9 @@ class _Answer:
                     break
                 i = self.choice_index(no, event.index)
                 if isinstance(event, Token):
-                    if event.text or event.logprob is not None:
-                        yield self.chunk([self.token_chunk(i, event)], usage_field)
+                    piece = self.token_chunk(i, event) if event.text or event.logprob is not None else None
+                    if piece is not None:
+                        yield self.chunk([piece], usage_field)
                 elif isinstance(event, Finished):
                     yield self.chunk([self.finish_chunk(i, event)], usage_field)
             else:
@@ -519,7 +536,23 @@ def _failure(event: Failed) -> APIError:
 
 
 class ChatAnswer(_Answer):
+    """A chat completion; with tools, a complete reply that is a call becomes OpenAI's tool_calls
+    (finish_reason "tool_calls"), and a streamed reply that may be a call is held back and sent
+    whole with its finish (as one delta of content or of tool_calls)."""
+
     id_prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, service, body, handles, plan: ToolPlan = ToolPlan("none")):
+        super().__init__(service, body, handles)
+        self.plan = plan
+        self.held = {}              # choice -> text held back while it may be a call (streaming)
+
+    def message(self, text: str, finish_reason):
+        """(message fields, finish_reason) of a reply: a tool call when it is one."""
+        calls = self.plan.tool_calls(text) if finish_reason == "stop" else None
+        if calls:
+            return {"content": None, "tool_calls": calls}, "tool_calls"
+        return {"content": text}, finish_reason
 
     def new_choice(self, no):
         return {"text": [], "logprobs": [], "finish_reason": None}
@@ -538,21 +571,34 @@ class ChatAnswer(_Answer):
             c["logprobs"].append(self.logprob_entry(event))
 
     def final_choice(self, i, c):
-        return {"index": i, "message": {"role": "assistant", "content": "".join(c["text"])},
+        message, finish_reason = self.message("".join(c["text"]), c["finish_reason"])
+        return {"index": i, "message": {"role": "assistant", **message},
                 "logprobs": {"content": c["logprobs"]} if self.body.logprobs else None,
-                "finish_reason": c["finish_reason"]}
+                "finish_reason": finish_reason}
 
     def first_chunk(self, i):
         return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def token_chunk(self, i, event: Token):
+        if self.plan.mode != "none" and self.held.get(i, "") is not None:
+            held = self.held.get(i, "") + event.text
+            if self.plan.mode != "auto" or not held or held.startswith("{"):
+                self.held[i] = held
+                return None
+            # "auto" and words, not a call: from here on streamed as they come
+            self.held[i], event = None, dataclasses.replace(event, text=held)
         logprobs = None
         if self.body.logprobs and event.token is not None and event.logprob is not None:
             logprobs = {"content": [self.logprob_entry(event)]}
         return {"index": i, "delta": {"content": event.text}, "logprobs": logprobs, "finish_reason": None}
 
     def finish_chunk(self, i, event: Finished):
-        return {"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}
+        delta, finish_reason = {}, event.finish_reason
+        if self.held.get(i) is not None and self.plan.mode != "none":
+            delta, finish_reason = self.message(self.held.pop(i, ""), event.finish_reason)
+            if "tool_calls" in delta:
+                delta = {"tool_calls": [dict(call, index=k) for k, call in enumerate(delta["tool_calls"])]}
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 class CompletionAnswer(_Answer):

@@ -1,8 +1,7 @@
 """The OpenAI API's request and response bodies, as pydantic models (the fields rwkvcpu serves).
 
 Requests ignore fields they do not know (clients send many); a field they know but
-cannot honour (`suffix`, `tools`, a `response_format` other than text) is refused
-by the routes with a 400 naming it. Responses are plain dicts built in app.py in
+cannot honour (`suffix`, `best_of`) is refused by the routes with a 400 naming it. Responses are plain dicts built in app.py in
 the shapes below' docstrings describe, as OpenAI's clients parse them.
 """
 
@@ -65,9 +64,12 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    # an assistant's earlier calls (OpenAI's tool_calls list), and which call a tool message answers
+    tool_calls: Optional[list] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         """The content as one text (parts joined)."""
