@@ -225,3 +225,24 @@ def test_cli_convert_with_lora_and_info(tmp_path):
     r = run_cli("convert", pth, out, "--lora", tmp_path / "rwkv-0.pth", "--lora-alpha", "8", "--dtype", "int8", "-q")
     assert r.returncode == 0, r.stderr
     assert "rwkv-0.pth" in rwkvcpu.load(out).metadata["adapters"]
+
+
+def test_rwkvcpp_base(tmp_path):
+    """An rwkv.cpp base takes LoRA updates on its matrices; tensors it stores transformed cannot be replaced."""
+    from conftest import tiny_model_path
+    from rwkvcpu.quant.readers import open_source
+
+    path = tiny_model_path("v7")
+    with open_source(path) as src:
+        key = src.load("blocks.0.att.key.weight")
+        w1 = src.load("blocks.0.att.w1")
+    rng = np.random.default_rng(11)
+    ad = {"blocks.0.att.key.lora_A": to_bf16(rng.standard_normal((2, key.shape[1])).astype(np.float32)),
+          "blocks.0.att.key.lora_B": to_bf16(rng.standard_normal((key.shape[0], 2)).astype(np.float32) * 0.1)}
+    write_pth(tmp_path / "ad.pth", ad)
+    _, got = read_checkpoint(path, dtype="fp32", lora=[tmp_path / "ad.pth"], lora_alpha=[2])
+    want = key.astype(np.float64) + ad["blocks.0.att.key.lora_B"].astype(np.float64) @ ad["blocks.0.att.key.lora_A"]
+    np.testing.assert_allclose(got["blocks.0.att.key.weight"], want, rtol=1e-6, atol=1e-7)
+    write_pth(tmp_path / "w1.pth", {**ad, "blocks.0.att.w1": np.zeros(w1.shape, np.float32)})
+    with pytest.raises(ConversionError, match="replaces blocks.0.att.w1, which rwkv.cpp files store transformed"):
+        read_checkpoint(path, lora=[tmp_path / "w1.pth"], lora_alpha=[2])
