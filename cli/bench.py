@@ -44,6 +44,9 @@ def bench(model_path, threads, tokens, prompt_tokens, no_bandwidth, as_json):
     start = time.perf_counter()
     if tokens < 1 or prompt_tokens < 1:
         raise InvalidArgumentError("--tokens and --prompt must be at least 1")
+    if max(tokens, prompt_tokens) > B.MAX_TOKENS:
+        raise InvalidArgumentError(f"--tokens and --prompt must be at most {B.MAX_TOKENS:,}, got "
+                                   f"{max(tokens, prompt_tokens):,}")
     result = B.measure(model_path, threads=threads, decode_tokens=tokens, prompt_tokens=prompt_tokens,
                        start=start, bandwidth=not no_bandwidth)
     if not no_bandwidth:

@@ -7,10 +7,11 @@ does not pay for compiling kernels it never calls.
 
 import importlib
 import sys
+import warnings
 
 import click
 
-from rwkvcpu.errors import RwkvCpuError
+from rwkvcpu.errors import RwkvCpuError, one_line
 
 # command name -> (module, attribute)
 COMMANDS = {
@@ -53,8 +54,17 @@ def cli():
     """
 
 
+def fail(message: str, code: int = 2):
+    """Print `error: message` as one line on stderr (names read from a file cannot break it) and exit."""
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
 def main(argv=None):
     """Entry point: library errors become one line on stderr and exit code 2."""
+    # The library says in words when values overflow (rwkvcpu.checks); numpy's own
+    # "overflow encountered in ..." lines would only add noise to a user's terminal.
+    warnings.filterwarnings("ignore", message=r".* encountered in ", category=RuntimeWarning)
     try:
         rc = cli.main(args=argv, prog_name="rwkvcpu", standalone_mode=False)
     except click.exceptions.Abort:
@@ -67,14 +77,11 @@ def main(argv=None):
     except click.UsageError as e:
         # One line, as for every other bad input: what is wrong and where to look.
         where = e.ctx.command_path if e.ctx is not None else "rwkvcpu"
-        click.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
-        sys.exit(2)
+        fail(f"{e.format_message()} (see '{where} --help')")
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
+        fail(e.format_message())
     except RwkvCpuError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        fail(str(e))
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -17,10 +17,14 @@ def read_text(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
     try:
-        with open_input(path, "text file", InvalidArgumentError, "r", encoding="utf-8") as f:
-            return f.read()
+        # A pipe is fine (`<(zcat book.gz)`); one that nothing writes to reads as empty, never blocks.
+        with open_input(path, "text file", InvalidArgumentError, "r", encoding="utf-8", pipe_ok=True) as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise InvalidArgumentError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text:
+        raise InvalidArgumentError(f"{path}: the text file is empty; there is nothing to score")
+    return text
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -19,12 +19,13 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from rwkvcpu.checks import check_finite
 from rwkvcpu.config import LAYER_NORM_EPS, ModelConfig
-from rwkvcpu.errors import ModelFormatError, UnsupportedModelError
+from rwkvcpu.errors import ModelFormatError, UnsupportedModelError, shown
 from rwkvcpu.layouts import LORA, MATRIX, STATE, VECTOR, expected_tensors
 
 from rwkvcpu import formats
-from .readers.base import OFFICIAL, RWKV_CPP
+from .readers.base import OFFICIAL, RWKV_CPP, numel
 
 
 class Rule(NamedTuple):
@@ -99,9 +100,14 @@ def _fold_ln0(x, ctx):
     names = src.tensors()
     if "blocks.0.ln0.weight" not in names and getattr(src, "ln0_optional", False):
         return x
-    w = src.load("blocks.0.ln0.weight").reshape(-1).astype(np.float64)
-    b = src.load("blocks.0.ln0.bias").reshape(-1).astype(np.float64)
-    return layer_norm_rows(x, w, b)
+    w = src.load("blocks.0.ln0.weight")
+    b = src.load("blocks.0.ln0.bias")
+    for name, v in (("blocks.0.ln0.weight", w), ("blocks.0.ln0.bias", b)):
+        if v.size != x.shape[-1]:
+            raise ModelFormatError(f"{src.path}: tensor {name} has shape {v.shape}, expected "
+                                   f"{x.shape[-1]} values (the width)")
+        check_finite(v, src.path, name)
+    return layer_norm_rows(x, w.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64))
 
 
 def layer_norm_rows(x, w, b, eps=LAYER_NORM_EPS, chunk=4096):
@@ -288,7 +294,7 @@ def plan(source, config: ModelConfig, dtype: str) -> list:
 def _check_size(path, src_name, src_shape, rule, shape, kind, config):
     if kind in (MATRIX, LORA, STATE) and not rule.ops and tuple(src_shape) != tuple(shape):
         raise ModelFormatError(f"{path}: tensor {src_name} has shape {tuple(src_shape)}, expected {shape}")
-    n_src, n_dst = int(np.prod(src_shape)), int(np.prod(shape))
+    n_src, n_dst = numel(src_shape), numel(shape)
     if "take6" in rule.ops:
         n_src //= 6
     if "per_channel" in rule.ops and n_src in (config.n_head, config.n_embd):
@@ -305,20 +311,29 @@ def _refuse_extras(path, config, extras):
             hits = [k for k in extras if pattern.match(k)]
             if hits:
                 raise UnsupportedModelError(
-                    f"{path}: RWKV-7 with {what} is not supported (found {', '.join(hits[:2])}); "
+                    f"{path}: RWKV-7 with {what} is not supported (found {', '.join(shown(k)[1:-1] for k in hits[:2])}); "
                     f"rwkvcpu runs the plain RWKV-7 architecture")
-    shown = ", ".join(extras[:3]) + (f" and {len(extras) - 3} more" if len(extras) > 3 else "")
+    listed = ", ".join(shown(k)[1:-1] for k in extras[:3]) + (f" and {len(extras) - 3} more" if len(extras) > 3 else "")
     raise UnsupportedModelError(
-        f"{path}: {config.generation} checkpoint has tensors rwkvcpu does not know ({shown}); "
+        f"{path}: {config.generation} checkpoint has tensors rwkvcpu does not know ({listed}); "
         f"it is a variant rwkvcpu does not run")
 
 
 def build(source, config: ModelConfig, p: Planned) -> np.ndarray:
-    """The canonical float32 value of one planned tensor."""
-    x = source.load(p.source)
-    ctx = Context(config, source, p.name, p.rule.arg)
-    for op in p.rule.ops:
-        x = OPS[op](x, ctx)
+    """The canonical float32 value of one planned tensor.
+
+    Raises:
+        ModelFormatError: the stored tensor holds NaN or infinite values, or its
+            transform (e.g. exp) overflows; named, in one line, before anything is written.
+    """
+    # Overflow (in reading, e.g. bf16 or fp16 to fp32, or in a transform) is found by
+    # check_finite and named in words; numpy's warning would say less.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        x = source.load(p.source)
+        check_finite(x, source.path, p.source)
+        ctx = Context(config, source, p.name, p.rule.arg)
+        for op in p.rule.ops:
+            x = OPS[op](x, ctx)
     if x.shape != p.shape:
         if p.kind == VECTOR and x.size == int(np.prod(p.shape)):
             # Official vectors carry unit dimensions, e.g. time_mix_k (1, 1, D).
@@ -327,7 +342,10 @@ def build(source, config: ModelConfig, p: Planned) -> np.ndarray:
             raise ModelFormatError(
                 f"{source.path}: tensor {p.source} gives shape {x.shape} after {', '.join(p.rule.ops) or 'no transform'}, "
                 f"expected {p.shape} for {p.name}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if p.rule.ops:
+        check_finite(x, source.path, p.source, after=", ".join(p.rule.ops))
+    return x
 
 
 def store(p: Planned, x: np.ndarray) -> dict:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rwkvcpu.checks import check_finite
 from rwkvcpu.config import FORMAT_NAME, FORMAT_VERSION, ModelConfig
 from rwkvcpu.errors import ConversionError, ModelFormatError
 
@@ -216,7 +217,11 @@ def _stream(job: _Job, progress):
     source = job.source
     for p in job.planned:
         x = canonical.build(source, job.config, p)
-        parts = canonical.store(p, x)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            parts = canonical.store(p, x)
+        for name, arr in parts.items():
+            # Finite values beyond what the format stores (an fp16 scale past 65504) are said, not written.
+            check_finite(arr, source.path, p.source, after=f"quantizing to {p.fmt} (as {name})")
         del x
         yield parts
         source.release(p.source)

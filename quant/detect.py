@@ -19,12 +19,10 @@ from __future__ import annotations
 import re
 from typing import Callable, NamedTuple
 
-import numpy as np
+from rwkvcpu.config import OFFICIAL_GROUP_NORM_EPS, ModelConfig, check_group_norm_eps
+from rwkvcpu.errors import InvalidArgumentError, ModelFormatError, UnsupportedModelError, shown
 
-from rwkvcpu.config import OFFICIAL_GROUP_NORM_EPS, ModelConfig
-from rwkvcpu.errors import ModelFormatError, UnsupportedModelError
-
-from .readers.base import RWKV_CPP
+from .readers.base import RWKV_CPP, numel
 
 # Key fragments of architectures we are asked to convert but do not run.
 FOREIGN_HINTS = (
@@ -43,7 +41,7 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 def _sample(names, n=3):
     names = list(names)
     more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return ", ".join(shown(k)[1:-1] if isinstance(k, str) else shown(k) for k in names[:n]) + more
 
 
 def refuse_foreign(path, names) -> None:
@@ -64,7 +62,9 @@ def _heads(shape, n_embd):
     dims = [d for d in shape]
     while len(dims) > 1 and dims[-1] == 1:
         dims.pop()
-    n = int(np.prod(dims))
+    n = numel(dims)
+    if n <= 0:
+        return None
     if n == n_embd and len(dims) >= 2 and dims[0] * dims[1] == n_embd:
         return dims[0]
     if n < n_embd and n_embd % n == 0:
@@ -73,13 +73,18 @@ def _heads(shape, n_embd):
 
 
 def count_layers(path, names) -> int:
-    layers = {int(m.group(1)) for k in names for m in [_BLOCK.match(k)] if m}
+    """The number of blocks, from the blocks.N.* tensors the file holds.
+
+    Counted from what is there, never from the largest N: one stray key
+    blocks.99999999999.x must not make us walk a hundred billion layers.
+    """
+    layers = {m.group(1) for k in names for m in [_BLOCK.match(k)] if m}
     if not layers:
         raise ModelFormatError(f"{path}: no blocks.N.* tensors; the checkpoint is empty or not RWKV")
-    n = max(layers) + 1
-    missing = [i for i in range(n) if f"blocks.{i}.ln1.weight" not in names]
-    if missing:
-        raise ModelFormatError(f"{path}: tensor blocks.{missing[0]}.ln1.weight is missing")
+    n = len(layers)
+    for i in range(n):
+        if f"blocks.{i}.ln1.weight" not in names:
+            raise ModelFormatError(f"{path}: tensor blocks.{i}.ln1.weight is missing")
     return n
 
 
@@ -114,7 +119,7 @@ def _v5_dims(found):
     """v5: the minor from the gate and decay shape, the head count from the decay."""
     path, names, shape, n_embd = found.path, found.names, found.shape, found.n_embd
     decay = shape("blocks.0.att.time_decay")
-    per_channel = int(np.prod(decay)) == n_embd
+    per_channel = numel(decay) == n_embd
     if "blocks.0.att.gate.weight" in names:
         generation = "v5.2" if per_channel else "v5.1"
     else:
@@ -209,15 +214,21 @@ def detect(source, *, group_norm_eps=None, tokenizer="world") -> ModelConfig:
             f"{path}: blocks.0.ffn.key.weight has shape {ffn_key}, expected (F, {n_embd})")
     dim_ffn = ffn_key[0]
     found = _Found(path, names, shape, n_embd, source.naming == RWKV_CPP)
-    gen, head_size, lora = _DIMS[gen](found)
+    try:
+        gen, head_size, lora = _DIMS[gen](found)
+    except (IndexError, ZeroDivisionError) as e:
+        # A tensor with fewer dimensions than its generation gives it (the rules index shapes).
+        raise ModelFormatError(f"{path}: tensors of block 0 do not have the shapes of a {gen} model "
+                               f"({type(e).__name__}: {e})") from None
     family = gen.split(".")[0]
-    eps = group_norm_eps
-    if eps is None:
+    if group_norm_eps is not None:
+        eps = check_group_norm_eps(group_norm_eps, InvalidArgumentError)
+    else:
         eps = source.group_norm_eps(family)
-    if eps is None:
-        eps = OFFICIAL_GROUP_NORM_EPS
-    if not eps > 0:
-        raise ModelFormatError(f"group-norm epsilon must be positive, got {eps}")
-    return ModelConfig(gen, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, dim_ffn=dim_ffn,
-                       head_size=head_size, group_norm_eps=float(eps), lora_dims=lora,
-                       tokenizer=tokenizer)
+        eps = OFFICIAL_GROUP_NORM_EPS if eps is None else check_group_norm_eps(eps, ModelFormatError, path)
+    try:
+        return ModelConfig(gen, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, dim_ffn=dim_ffn,
+                           head_size=head_size, group_norm_eps=float(eps), lora_dims=lora,
+                           tokenizer=tokenizer)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{path}: {e} (from the shapes of its tensors)") from None

@@ -12,17 +12,22 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
+from rwkvcpu import io
 from rwkvcpu.config import FORMAT_NAME, ModelConfig
-from rwkvcpu.errors import ConversionError, RwkvCpuError
+from rwkvcpu.errors import ConversionError, RwkvCpuError, one_line
 from rwkvcpu.layouts import expected_tensors
 
 from . import canonical, lora
 from .convert import open_model
 from .readers import open_source
+from .readers.base import numel
 from .readers.safetensors_file import SafetensorsSource
 from .readers.statetune import is_state_file
+
+
+# Metadata keys shown as configuration rows (generation, layers, ...) rather than as they are stored.
+CONFIG_KEYS = ("generation", "n_layer", "n_embd", "vocab_size", "dim_ffn", "head_size", "n_head", "lora_dims",
+               "group_norm_eps")
 
 
 def _size_on_disk(files) -> int:
@@ -65,8 +70,25 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
+# Metadata values longer than this are cut in the listing (an embedded tokenizer is megabytes).
+MAX_VALUE_CHARS = 200
+
+
+def _value(v) -> str:
+    """A metadata value as one printable line of at most MAX_VALUE_CHARS characters."""
+    text = one_line(str(v))
+    if len(text) > MAX_VALUE_CHARS:
+        return f"{text[:MAX_VALUE_CHARS]}... ({len(str(v)):,} characters)"
+    return text
+
+
 def describe(path) -> dict:
     """A description of any readable model file or folder, as ordered rows.
+
+    Reads headers and indexes only (no weights), so it is quick on large
+    files; the last row says whether the file loads ("loads", rwkvcpu files)
+    or converts ("convertible", other checkpoints) and if not, why. Weights
+    are checked for NaN and infinities when they are read (load, convert).
 
     Args:
         path: an rwkvcpu .safetensors file, official .pth, rwkv.cpp .bin,
@@ -98,8 +120,8 @@ def describe(path) -> dict:
         infos = list(source.tensors().values())
         rows = {"file": str(path), "format": source.format}
         rows.update(_config_rows(cfg))
-        n_params = sum(int(np.prod(i.shape)) for i in infos)
-        rows["parameters"] = _count(n_params)
+        n_stored = sum(numel(i.shape) for i in infos)
+        rows["parameters"] = _count(n_stored)
         stored = source.stored()
         rows["tensors"] = f"{len(stored)}: {_dtype_counts(stored)}"
         size = _size_on_disk(source.files)
@@ -107,9 +129,10 @@ def describe(path) -> dict:
         if source.group_norm_eps(cfg.family) is not None and cfg.head_size:
             rows["group-norm epsilon"] += " (this source's own)"
         for k, v in source.details.items():
-            rows[k] = str(v)
+            rows[one_line(str(k))] = _value(v)
         try:
-            canonical.plan(source, cfg, "fp32")
+            planned = canonical.plan(source, cfg, "fp32")
+            rows["parameters"] = _parameters(source, planned, n_stored)
             rows["convertible"] = "yes"
             source.tokenizer_name()
         except ConversionError as e:
@@ -121,28 +144,56 @@ def describe(path) -> dict:
     return rows
 
 
+def _parameters(source, planned, n_stored: int) -> str:
+    """The parameters as the converted file counts them (so both say the same number), and
+    what the checkpoint stores besides when that differs."""
+    n = sum(numel(p.shape) for p in planned)
+    if n == n_stored:
+        return _count(n)
+    names = source.tensors()
+    why = []
+    folded = sum(numel(names[k].shape) for k in canonical.CONSUMED if k in names)
+    unused = sum(numel(names[k].shape) for k in canonical.UNUSED if k in names)
+    if folded:
+        why.append(f"{folded:,} of ln0, folded into emb.weight")
+    if unused:
+        why.append(f"{unused:,} of layer 0's unused v0, v1, v2")
+    if n_stored - folded - unused != n:
+        why.append("per-head values stored once per channel")
+    return f"{_count(n)}, as converted (the checkpoint stores {n_stored:,}: {'; '.join(why)})"
+
+
 def _describe_rwkvcpu(src, meta) -> dict:
-    cfg = ModelConfig.from_metadata(meta, str(src.path))
+    path = str(src.path)
+    rows = {"file": path, "format": f"rwkvcpu {_value(meta.get('format_version', '?'))}"}
+    shown_keys = ("format", "format_version", "dtype")
+    problem, cfg = None, None
+    try:
+        cfg = io.check_metadata(meta, path)
+    except RwkvCpuError as e:
+        problem = str(e)
+    if cfg is not None:
+        rows.update(_config_rows(cfg))
+        shown_keys += CONFIG_KEYS
+        try:
+            _, arrays = io.open_safetensors(path)
+            io.check_tensors(cfg, arrays, path)
+            rows["parameters"] = _count(sum(numel(shape) for name, (shape, _kind, optional)
+                                            in expected_tensors(cfg).items()
+                                            if not optional or name in arrays or name + ".scale" in arrays))
+        except RwkvCpuError as e:
+            problem = str(e)
     infos = list(src.tensors().values())
-    present = set(src.tensors())
-    n_params = 0
-    for name, (shape, _kind, optional) in expected_tensors(cfg).items():
-        if optional and name not in present:
-            continue
-        n_params += int(np.prod(shape))
-    rows = {"file": str(src.path), "format": f"rwkvcpu {meta.get('format_version', '?')}"}
-    rows.update(_config_rows(cfg))
-    rows["parameters"] = _count(n_params)
-    rows["dtype"] = meta.get("dtype", "?")
+    rows["dtype"] = _value(meta.get("dtype", "?"))
     rows["tensors"] = f"{len(infos)}: {_dtype_counts(infos)}"
     size = _size_on_disk([src.path])
     rows["size on disk"] = f"{size:,} bytes ({_human(size)})"
     for k, v in meta.items():
         if k in ("tokenizer_json",):
             rows[k] = f"({len(v):,} characters)"
-        elif k not in ("format", "format_version", "generation", "n_layer", "n_embd", "vocab_size",
-                       "dim_ffn", "head_size", "n_head", "lora_dims", "group_norm_eps", "dtype"):
-            rows[k] = v
+        elif k not in shown_keys:
+            rows[one_line(k)] = _value(v)
+    rows["loads"] = "yes" if problem is None else f"no: {problem}"
     return rows
 
 
@@ -176,7 +227,7 @@ def _describe_adapter(src) -> dict:
     if replaced:
         shown = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
         rows["replaced tensors"] = f"{len(replaced)}: {shown}"
-    rows["parameters"] = _count(sum(int(np.prod(i.shape)) for i in infos))
+    rows["parameters"] = _count(sum(numel(i.shape) for i in infos))
     rows["tensors"] = f"{len(infos)}: {_dtype_counts(infos)}"
     rows["size on disk"] = f"{_size_on_disk(src.files):,} bytes"
     rows["use"] = ("rwkvcpu convert MODEL DST --lora CHECKPOINT --pissa-init FILE" if init else

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rwkvcpu.errors import ConversionError
+from rwkvcpu.errors import ConversionError, file_kind
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
 NUMPY = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
@@ -83,12 +83,6 @@ def header_bytes(entries, metadata: dict) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-# What a non-regular file is, for messages; anything else is "a special file".
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
-
-
 def check_destination(dst) -> Path:
     """Refuse an output path that cannot take a new regular file.
 
@@ -115,7 +109,7 @@ def check_destination(dst) -> Path:
     except OSError as e:
         raise ConversionError(f"{dst}: cannot inspect the output path ({e.strerror})") from None
     if mode is not None and not stat.S_ISREG(mode):
-        kind = next((k for test, k in _KINDS if test(mode)), "a special file")
+        kind = file_kind(mode)
         if stat.S_ISDIR(mode) and not dst.is_symlink():
             raise ConversionError(f"{dst}: is a directory; give the output file's name")
         via = f"a symbolic link to {kind} ({os.path.realpath(dst)})" if dst.is_symlink() else kind

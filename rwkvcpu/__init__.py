@@ -8,8 +8,9 @@ Example:
 """
 
 from .config import ModelConfig
-from .errors import (ConversionError, ExtraNotInstalledError, InvalidArgumentError, ModelFormatError, RwkvCpuError, StateFileError,
-                     StateMismatchError, UnsafePickleError, UnsupportedModelError)
+from .errors import (ConversionError, ExtraNotInstalledError, InvalidArgumentError, ModelFormatError,
+                     NonFiniteError, RwkvCpuError, StateFileError, StateMismatchError, UnsafePickleError,
+                     UnsupportedModelError)
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,4 @@ def __getattr__(name):
 __all__ = ["load", "Model", "State", "state_layout", "ModelConfig", "RwkvCpuError",
            "ModelFormatError", "UnsafePickleError", "UnsupportedModelError",
            "ConversionError", "StateMismatchError", "StateFileError", "InvalidArgumentError",
-           "ExtraNotInstalledError"]
+           "ExtraNotInstalledError", "NonFiniteError"]

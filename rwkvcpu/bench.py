@@ -22,6 +22,8 @@ import numpy as np
 
 # The prompt whose first token `ttft_s` waits for, in tokens.
 TTFT_PROMPT = 16
+# Most decode steps or prompt tokens one measurement takes (hours of a 0.4B model already).
+MAX_TOKENS = 1_000_000
 # Weights smaller than this stay in the caches: their bandwidth is not the memory's.
 _MIN_STREAM_BYTES = 64 << 20
 
@@ -152,16 +154,23 @@ def require_model_file(path) -> None:
     the wrong thing."""
     from pathlib import Path
 
-    from .errors import ModelFormatError
-    from .io import is_model_file
+    from .config import FORMAT_NAME
+    from .errors import ModelFormatError, open_input
+    from .io import read_header
+    from .quant.readers.safetensors_file import is_safetensors
 
     path = os.fspath(path)
-    if os.path.isfile(path) and not os.access(path, os.R_OK):
-        raise ModelFormatError(f"{path}: cannot read (permission denied)")
-    if os.path.isdir(path) or not is_model_file(path):
-        dst = Path(path).with_suffix("").name + "-int8.safetensors"
-        raise ModelFormatError(f"{path}: bench measures an rwkvcpu .safetensors file: "
-                               f"convert it first with rwkvcpu convert {path} {dst} --dtype int8")
+    if not os.path.isdir(path):
+        with open_input(path, "file", ModelFormatError) as f:
+            head = f.read(16)
+        if is_safetensors(head):
+            # A safetensors file: a corrupt one gets its own message, not advice to convert it.
+            header, _ = read_header(path)
+            if header["__metadata__"].get("format") == FORMAT_NAME:
+                return
+    dst = Path(path).with_suffix("").name + "-int8.safetensors"
+    raise ModelFormatError(f"{path}: bench measures an rwkvcpu .safetensors file: "
+                           f"convert it first with rwkvcpu convert {path} {dst} --dtype int8")
 
 
 def peak_rss_bytes() -> int:
@@ -211,8 +220,16 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
         (start to the first token's logits), decode_ms (median),
         decode_ms_p10, decode_ms_p90, decode_tokens, prefill_tok_s,
         prompt_tokens, peak_rss_bytes.
+
+    Raises:
+        InvalidArgumentError: decode_tokens or prompt_tokens outside 1 .. MAX_TOKENS.
+        ModelFormatError: not an rwkvcpu model file, or one that does not load.
     """
     start = time.perf_counter() if start is None else start
+    from .errors import InvalidArgumentError
+    for name, n in (("decode_tokens", decode_tokens), ("prompt_tokens", prompt_tokens)):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOKENS:
+            raise InvalidArgumentError(f"{name} must be an integer from 1 to {MAX_TOKENS:,}, got {n!r}")
     require_model_file(path)
     import rwkvcpu
     from . import threads as thread_control

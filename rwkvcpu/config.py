@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Mapping
 
-from .errors import ModelFormatError
+from .errors import ModelFormatError, shown
 
 FORMAT_NAME = "rwkvcpu"
 FORMAT_VERSION = 1
@@ -24,6 +25,41 @@ GENERATIONS = ("v4", "v5.0", "v5.1", "v5.2", "v6", "v7")
 # 64e-5 (1e-5 * head_size_divisor**2 with divisor 8); rwkv.cpp's v5 files use 1e-5.
 OFFICIAL_GROUP_NORM_EPS = 64e-5
 LAYER_NORM_EPS = 1e-5
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_group_norm_eps(value, error: type = ModelFormatError, source=None) -> float:
+    """The group-norm epsilon as a float, refused unless it is a finite positive number.
+
+    One rule for `rwkvcpu convert --eps`, `rwkvcpu.load(group_norm_eps=...)`, a
+    Hugging Face config.json and a file's metadata.
+
+    Args:
+        value: the epsilon as given.
+        error: the RwkvCpuError subclass to raise (InvalidArgumentError for a
+            caller's value, ModelFormatError for a file's).
+        source: the file it came from, for the message.
+
+    Example:
+        >>> check_group_norm_eps(64e-5)
+        0.00064
+        >>> check_group_norm_eps(-1.0, InvalidArgumentError)
+        InvalidArgumentError: group-norm epsilon must be positive (a number such as 64e-5), got -1.0
+    """
+    where = f"{source}: " if source is not None else ""
+    problem = f"{where}group-norm epsilon must be positive (a number such as 64e-5), got {shown(value)}"
+    if isinstance(value, bool):
+        raise error(problem)
+    try:
+        eps = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise error(problem) from None
+    if not math.isfinite(eps) or eps <= 0:
+        raise error(problem)
+    return eps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +93,24 @@ class ModelConfig:
     def __post_init__(self):
         if self.generation not in GENERATIONS:
             raise ModelFormatError(
-                f"unknown generation {self.generation!r}; expected one of {', '.join(GENERATIONS)}"
+                f"unknown generation {shown(self.generation)}; expected one of {', '.join(GENERATIONS)}"
             )
+        for name in ("n_layer", "n_embd", "vocab_size", "dim_ffn"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ModelFormatError(f"{name} must be a positive integer, got {shown(value)}")
+        if not _is_int(self.head_size) or self.head_size < 0:
+            raise ModelFormatError(f"head_size must be a non-negative integer, got {shown(self.head_size)}")
         if self.family != "v4" and (self.head_size <= 0 or self.n_embd % self.head_size):
             raise ModelFormatError(
                 f"head size {self.head_size} does not divide the width {self.n_embd}"
             )
+        check_group_norm_eps(self.group_norm_eps, ModelFormatError)
+        if not isinstance(self.lora_dims, Mapping) or not all(
+                isinstance(k, str) and _is_int(v) and v > 0 for k, v in self.lora_dims.items()):
+            raise ModelFormatError(f"low-rank widths must be positive integers, got {shown(self.lora_dims)}")
+        if not isinstance(self.tokenizer, str):
+            raise ModelFormatError(f"tokenizer must be a name, got {shown(self.tokenizer)}")
 
     @property
     def family(self) -> str:
@@ -97,8 +145,15 @@ class ModelConfig:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], source: str = "model file") -> "ModelConfig":
-        """Rebuild a configuration from safetensors metadata written by to_metadata."""
+        """Rebuild a configuration from safetensors metadata written by to_metadata.
+
+        Raises:
+            ModelFormatError: a value is missing, of the wrong type or out of range.
+        """
         try:
+            lora = json.loads(meta.get("lora_dims", "{}"))
+            if not isinstance(lora, dict):
+                raise ValueError("lora_dims")
             return cls(
                 generation=meta["generation"],
                 n_layer=int(meta["n_layer"]),
@@ -107,12 +162,15 @@ class ModelConfig:
                 dim_ffn=int(meta["dim_ffn"]),
                 head_size=int(meta["head_size"]),
                 group_norm_eps=float(meta["group_norm_eps"]),
-                lora_dims={k: int(v) for k, v in json.loads(meta.get("lora_dims", "{}")).items()},
+                lora_dims={k: int(v) for k, v in lora.items()},
                 tokenizer=meta.get("tokenizer", "world"),
             )
-        except (KeyError, ValueError, TypeError) as e:
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{source}: {e}; re-convert the checkpoint with `rwkvcpu convert`") from None
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
+            what = e.args[0] if isinstance(e, KeyError) else str(e)
             raise ModelFormatError(
-                f"{source}: metadata is missing or has a bad value for {e}; "
+                f"{source}: metadata is missing or has a bad value for {shown(what)}; "
                 f"re-convert the checkpoint with `rwkvcpu convert`"
             ) from None
 

@@ -341,7 +341,7 @@ def pop_constraint(options: dict):
 
 
 def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, state=None,
-             **options) -> Generation:
+             ignore_eos: bool = False, **options) -> Generation:
     """Generate a continuation of a prompt, as an iterator of text chunks.
 
     Args:
@@ -350,6 +350,8 @@ def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, 
         params: SamplingParams; keyword options override its fields.
         state: continue from this state (e.g. a previous Generation's
             ``state``) instead of a fresh one; it is not changed.
+        ignore_eos: do not stop at the end-of-text token (the CLI's --ignore-eos);
+            stop_tokens given explicitly still stop.
         **options: any SamplingParams field: temperature, top_p, top_k,
             min_p, presence_penalty, frequency_penalty, penalty_decay,
             repetition_penalty, logit_bias, banned_tokens, stop, stop_tokens,
@@ -375,7 +377,13 @@ def generate(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, 
         'green'
     """
     constraint = pop_constraint(options)
-    return Generation(model, prompt, make_params(params, **options), state, constraint=constraint)
+    params = make_params(params, **options)
+    if not isinstance(ignore_eos, bool):
+        raise InvalidArgumentError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+    if ignore_eos and params.stop_tokens is None:
+        # End-of-text is only the default of stop_tokens (None): no stop token instead.
+        params = params.replace(stop_tokens=())
+    return Generation(model, prompt, params, state, constraint=constraint)
 
 
 def complete(model, prompt: Prompt, params: Optional[SamplingParams] = None, *, state=None,

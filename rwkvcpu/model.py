@@ -19,8 +19,9 @@ import numpy as np
 
 from . import io
 from . import threads as threads_module
-from .config import ModelConfig
-from .errors import InvalidArgumentError, ModelFormatError, StateMismatchError
+from .checks import check_weights, first_nonfinite
+from .config import ModelConfig, check_group_norm_eps
+from .errors import InvalidArgumentError, ModelFormatError, NonFiniteError, StateMismatchError
 from .generations import common, v4, v5, v6, v7
 from .state import State, model_fingerprint, state_size
 
@@ -126,6 +127,8 @@ class Model:
         Raises:
             ValueError (InvalidArgumentError, StateMismatchError): no tokens, an id out of
                 range, or a state of another model or shape; raised before any work.
+            NonFiniteError: the logits came out NaN or infinite (weights or state
+                overflowing float32); the state passed in is unchanged.
 
         Example:
             >>> logits, state = model.forward([510, 1563])
@@ -144,6 +147,7 @@ class Model:
                 else:
                     out = logits if t0 + PROMPT_BLOCK >= T else None
                 common.forward(self._arch, self.config, self._weights, block, new, self._scratch, out)
+        self._check_logits(logits)
         return (logits if all_logits else logits[0]), new
 
     # ------------------------------------------------- several sequences at once
@@ -195,6 +199,7 @@ class Model:
                     last = t0 + PROMPT_BLOCK >= toks.shape[0]
                     common.forward(self._arch, self.config, self._weights, toks[t0:t0 + PROMPT_BLOCK], state,
                                    self._scratch, logits[b:b + 1] if last else None)
+        self._check_logits(logits)
         return logits
 
     def forward_batch(self, token_lists, states=None):
@@ -227,6 +232,13 @@ class Model:
 
     def __call__(self, tokens, state=None, **kw):
         return self.forward(tokens, state, **kw)
+
+    def _check_logits(self, logits) -> None:
+        # V floats per token: nothing next to computing them, and a NaN must not pass silently.
+        if first_nonfinite(logits) is not None:
+            raise NonFiniteError(
+                f"{self.path}: the model computed NaN or infinite logits: its weights, or the state this call "
+                f"continued from, overflow float32; this model cannot be run on this input")
 
     def _use_threads(self):
         # numba's thread count is per calling thread; set it for whichever thread runs us.
@@ -383,8 +395,9 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
         a Model.
 
     Raises:
-        ModelFormatError (a ValueError): unreadable, foreign or misshapen file;
-            the message names the file, tensor and shape.
+        ModelFormatError (a ValueError): unreadable, foreign or misshapen file, or one
+            holding NaN or infinite weights; the message names the file, tensor and shape.
+        InvalidArgumentError: a bad dtype, threads or group_norm_eps.
 
     Example:
         >>> model = load("rwkv7-0.1b-int8.safetensors", threads=2)
@@ -397,9 +410,12 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
     if dtype is not None:
         from .formats import get_format
         get_format(dtype)
+    if group_norm_eps is not None:
+        group_norm_eps = check_group_norm_eps(group_norm_eps, InvalidArgumentError)
     if os.path.isdir(path):
         path = _model_file_in(path)
-    if os.path.isfile(path) and io.is_model_file(path):
+    mapped = os.path.isfile(path) and io.is_model_file(path)
+    if mapped:
         meta, arrays = io.open_safetensors(path)
         config = io.check_metadata(meta, path)
     else:
@@ -412,6 +428,9 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
         config = config.replace(group_norm_eps=float(group_norm_eps))
         meta["group_norm_eps"] = repr(float(group_norm_eps))
     tensors = io.check_tensors(config, arrays, path)
+    if mapped:
+        # Converted checkpoints were checked tensor by tensor as they were read.
+        check_weights(tensors, path)
     if dtype is not None and dtype != meta.get("dtype"):
         tensors = _requantize(tensors, dtype)
         meta["dtype"] = dtype

@@ -33,7 +33,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NonFiniteError
 
 
 def _real(name, value, hint="", lo=None, hi=None, lo_open=False, allow_neg_inf=False):
@@ -405,12 +405,20 @@ class Sampler:
         p = self.params
         x = self.adjusted_logits(logits)
         if not np.isfinite(x.max()):
-            raise InvalidArgumentError("no token can be generated: every logit is -inf or NaN "
-                                       "after biases and bans")
+            raise self._no_token(logits)
         if p.temperature == 0.0:
             return int(np.argmax(x))
         ids = kept_tokens(x, p.top_k, p.top_p, p.min_p)
         return draw(x, ids, p.temperature, self.rng)
+
+    def _no_token(self, logits) -> Exception:
+        """Why no logit is left finite, naming only what the caller set."""
+        if not np.isfinite(np.asarray(logits, np.float64)).all():
+            return NonFiniteError("no token can be generated: the model's logits are NaN or infinite")
+        if self.bias is not None:
+            return InvalidArgumentError("no token can be generated: every logit is -inf after the logit biases "
+                                        "and banned tokens")
+        return InvalidArgumentError("no token can be generated: every logit is -inf or NaN after the penalties")
 
     def accept(self, token: int) -> None:
         """Record a generated token: decay old occurrences, count this one."""

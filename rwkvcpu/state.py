@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import ModelConfig
-from .errors import StateFileError, StateMismatchError, open_input, os_reason
+from .errors import ModelFormatError, StateFileError, StateMismatchError, open_input, os_reason
 
 # Initial value of v4's running exponent: "minus infinity" that stays finite in
 # fp32 arithmetic (exp(-1e38 - p) underflows cleanly to 0).
@@ -214,29 +214,47 @@ class State:
             model: the Model the state will be used with.
 
         Raises:
-            StateMismatchError: the file is not a state, or belongs to another model.
+            StateMismatchError: the file is not a regular file, not a state, corrupt
+                (a malformed header, the wrong size, NaN or infinite values), or
+                belongs to another model.
         """
-        from safetensors import safe_open
+        from .checks import first_nonfinite
+        from .io import header_length, parse_header
         path = os.fspath(path)
-        # Plain open first: its OSError says what is wrong (safetensors' does not, for a directory).
-        open_input(path, "state file", StateMismatchError).close()
-        try:
-            with safe_open(path, "np") as f:
-                meta = f.metadata() or {}
-                data = f.get_tensor("state")
-        except FileNotFoundError:
-            raise StateMismatchError(f"{path}: no such state file") from None
-        except Exception as e:  # safetensors raises several types for foreign files
-            raise StateMismatchError(f"{path}: not a state file saved by rwkvcpu ({e})") from None
-        if meta.get("format") != "rwkvcpu-state":
-            raise StateMismatchError(f"{path}: not a state file saved by rwkvcpu")
-        if meta.get("fingerprint") != model.fingerprint:
-            raise StateMismatchError(
-                f"{path}: this state was saved from a different model "
-                f"(fingerprint {meta.get('fingerprint', '?')[:12]}, this model {model.fingerprint[:12]}); "
-                f"load it with the model it came from"
-            )
-        return cls(model.config, np.ascontiguousarray(data, np.float32), model.fingerprint)
+        with open_input(path, "state file", StateMismatchError) as f:
+            try:
+                size = os.fstat(f.fileno()).st_size
+                n = header_length(f.read(8), size, path)
+                header = parse_header(f.read(n), size - 8 - n, path)
+                meta = header.pop("__metadata__")
+                entry = header.get("state")
+                if meta.get("format") != "rwkvcpu-state" or set(header) != {"state"}:
+                    raise StateMismatchError(f"{path}: not a state file saved by rwkvcpu")
+                if meta.get("fingerprint") != model.fingerprint:
+                    raise StateMismatchError(
+                        f"{path}: this state was saved from a different model "
+                        f"(fingerprint {meta.get('fingerprint', '?')[:12]!r}, this model {model.fingerprint[:12]}); "
+                        f"load it with the model it came from")
+                want = state_size(model.config)
+                if entry["dtype"] != "F32" or entry["shape"] != [want]:
+                    raise StateMismatchError(
+                        f"{path}: holds a {entry['dtype']} state of shape {entry['shape']}, this model's is "
+                        f"F32 [{want}]; the file is corrupt")
+                begin, end = entry["data_offsets"]
+                f.seek(8 + n + begin)
+                raw = f.read(end - begin)
+            except ModelFormatError as e:
+                raise StateMismatchError(f"{e}; not a state file saved by rwkvcpu") from None
+            except OSError as e:
+                raise StateMismatchError(f"{path}: cannot read the state file ({os_reason(e)})") from None
+        if len(raw) != end - begin:
+            raise StateMismatchError(f"{path}: truncated state file")
+        data = np.frombuffer(raw, "<f4").astype(np.float32)
+        bad = first_nonfinite(data)
+        if bad is not None:
+            raise StateMismatchError(f"{path}: the state holds NaN or infinite values (the first at {bad}); "
+                                     f"the file is corrupt")
+        return cls(model.config, data, model.fingerprint)
 
 
 def model_fingerprint(config: ModelConfig, source_sha256: str) -> str:

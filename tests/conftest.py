@@ -58,3 +58,19 @@ requires_oracle = pytest.mark.skipif(
     not _oracle_available(),
     reason="the reference `rwkv` package and torch are not installed (pip install '.[oracle]')",
 )
+
+
+@pytest.fixture(scope="session")
+def seeds(tmp_path_factory):
+    """Valid files of every input format, small (tests/hostile_files.build_seeds)."""
+    from hostile_files import build_seeds
+    return build_seeds(tmp_path_factory.mktemp("seeds"), SHARED)
+
+
+@pytest.fixture(scope="session")
+def sandbox(seeds):
+    """A worker that runs each hostile-input case in a child with a memory limit and a timeout
+    (tests/sandbox.py), its kernels compiled on the seed models."""
+    from sandbox import Sandbox
+    with Sandbox(warm=seeds.warm()) as box:
+        yield box

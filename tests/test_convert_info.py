@@ -53,7 +53,14 @@ def test_info_on_pth_files(tmp_path, capsys):
     code, out, _ = run_cli(["info", tmp_path / "m.pth"], capsys)
     r = rows(out)
     assert code == 0 and r["generation"] == "v6" and r["format"] == "pth"
-    assert r["parameters"].startswith(f"{sum(v.size for v in sd.values()):,}")
+    # Counted as the converted file counts them; what the checkpoint stores besides is said.
+    code, _, err = run_cli(["convert", tmp_path / "m.pth", tmp_path / "m.safetensors", "-q"], capsys)
+    assert code == 0, err
+    converted = rows(run_cli(["info", tmp_path / "m.safetensors"], capsys)[1])["parameters"]
+    stored = sum(v.size for v in sd.values())
+    assert stored == int(converted.split()[0].replace(",", "")) + 2 * 64
+    assert r["parameters"] == f"{converted}, as converted (the checkpoint stores {stored:,}: 128 of ln0, " \
+                              f"folded into emb.weight)"
     assert r["tensors"].startswith(f"{len(sd)}: BF16")
     assert r["convertible"] == "yes"
     states = {f"blocks.{i}.att.time_state": np.zeros((2, 32, 32), np.float32) for i in range(2)}

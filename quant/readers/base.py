@@ -14,14 +14,16 @@ layout.
 
 from __future__ import annotations
 
+import math
 import mmap
+import numbers
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from rwkvcpu.errors import ModelFormatError, open_input
+from rwkvcpu.errors import ModelFormatError, open_input, shown
 
 OFFICIAL, RWKV_CPP = "official", "rwkv.cpp"
 
@@ -103,7 +105,8 @@ def open_checkpoint_file(path: Path):
     """Open a checkpoint file for binary reading; a one-line ModelFormatError if it cannot be read.
 
     Raises:
-        ModelFormatError: missing, a directory, not readable, or empty.
+        ModelFormatError: missing, a directory, not a regular file (a named pipe,
+            a device, a socket), not readable, or empty.
     """
     f = open_input(path, "file", ModelFormatError)
     if os.fstat(f.fileno()).st_size == 0:
@@ -127,13 +130,36 @@ class MappedFile:
         self.mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def array(self, dtype, offset: int, count: int) -> np.ndarray:
-        """A read-only view of `count` items of `dtype` at byte `offset`."""
+        """A read-only view of `count` items of `dtype` at byte `offset`.
+
+        Raises:
+            ModelFormatError: the items do not lie inside the file.
+        """
         dtype = np.dtype(dtype)
+        offset, count = int(offset), int(count)
         end = offset + count * dtype.itemsize
-        if offset < 0 or end > self.size:
+        if offset < 0 or count < 0 or end > self.size:
             raise ModelFormatError(
                 f"{self.path}: truncated (needs bytes up to {end}, file has {self.size})")
         return np.frombuffer(self.mm, dtype=dtype, count=count, offset=offset)
+
+    def strided(self, dtype, start: int, n_items: int, shape, strides, offset: int, name: str) -> np.ndarray:
+        """A read-only strided view into a storage of `n_items` items of `dtype` at byte `start`,
+        after check_view has found every element inside that storage.
+
+        Args:
+            start: byte offset of the storage in the file.
+            n_items: the storage's length, in items.
+            shape, strides, offset: the view, in items (as torch records them).
+            name: the tensor, for messages.
+        """
+        dtype = np.dtype(dtype)
+        check_view(self.path, name, shape, strides, offset, n_items)
+        base = self.array(dtype, start, n_items)
+        if numel(shape) == 0:
+            return np.zeros(tuple(shape), dtype)
+        return np.lib.stride_tricks.as_strided(
+            base[offset:], shape=tuple(shape), strides=tuple(s * dtype.itemsize for s in strides), writeable=False)
 
     def drop(self, offset: int, length: int) -> None:
         if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
@@ -188,8 +214,60 @@ class MappedSource(Source):
 
 
 def numel(shape) -> int:
-    """Number of elements of a shape (1 for a scalar's ())."""
-    return int(np.prod(shape, dtype=np.int64))
+    """Number of elements of a shape (1 for a scalar's ()), in Python integers: no product of
+    a file's dimensions can wrap around."""
+    return math.prod(int(d) for d in shape)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_view(path, name: str, shape, strides, offset, n_items: int) -> None:
+    """Refuse a strided view that would reach outside its storage, before any view is made.
+
+    Every reader that takes a (shape, strides, offset) from a file checks it here
+    first: a negative stride or offset, or a product past the storage, would
+    otherwise let numpy read memory outside the file's mapping.
+
+    Args:
+        path, name: the file and the tensor, for messages.
+        shape, strides: the view, in items; strides must be non-negative (no
+            format we read stores others).
+        offset: the view's first item in the storage.
+        n_items: the storage's length in items.
+
+    Raises:
+        ModelFormatError: a value that is not an integer, a negative dimension,
+            stride or offset, more elements than the storage has, or an element
+            past the storage's end.
+
+    Example:
+        >>> check_view("m.pth", "emb.weight", (4, 64), (-64, 1), 192, 256)
+        ModelFormatError: m.pth: tensor 'emb.weight' has a negative stride (-64, 1); ...
+    """
+    shape, strides = tuple(shape), tuple(strides)
+    if not all(_is_int(v) for v in shape + strides + (offset, n_items)):
+        raise ModelFormatError(f"{path}: tensor {name!r} has a shape, strides or offset that are not integers "
+                               f"({shown(shape)}, {shown(strides)}, {shown(offset)})")
+    if len(shape) != len(strides):
+        raise ModelFormatError(f"{path}: tensor {name!r} has {len(shape)} dimensions but {len(strides)} strides")
+    if any(d < 0 for d in shape):
+        raise ModelFormatError(f"{path}: tensor {name!r} has a negative dimension in its shape {shown(shape)}")
+    if any(s < 0 for s in strides) or offset < 0:
+        raise ModelFormatError(f"{path}: tensor {name!r} has a negative stride or offset (strides {shown(strides)}, "
+                               f"offset {offset}); the file is corrupt or crafted")
+    if numel(shape) > n_items or any(d > n_items for d in shape):
+        # More elements than the storage holds: items repeat (a zero stride), and
+        # loading it would allocate more than the file could ever back.
+        raise ModelFormatError(f"{path}: tensor {name!r} of shape {shown(shape)} holds more elements than its "
+                               f"storage ({n_items})")
+    if numel(shape) == 0:
+        return
+    last = offset + sum((d - 1) * s for d, s in zip(shape, strides))
+    if last >= n_items:
+        raise ModelFormatError(
+            f"{path}: tensor {name!r} reaches past the end of its storage (item {last} of {n_items})")
 
 
 def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -114,6 +114,8 @@ class GgmlSource(MappedSource):
             off += key_len
             if dtype not in TYPES:
                 raise ModelFormatError(f"{p}: tensor {name!r} has unknown rwkv.cpp data type {dtype}")
+            if name in self._infos:
+                raise ModelFormatError(f"{p}: tensor {name!r} appears twice")
             t = TYPES[dtype]
             if any(d <= 0 for d in ne):
                 raise ModelFormatError(f"{p}: tensor {name!r} has a bad shape {tuple(reversed(ne))}")
@@ -126,11 +128,11 @@ class GgmlSource(MappedSource):
                 if ne[0] % t.block_elems:
                     raise ModelFormatError(
                         f"{p}: tensor {name!r} is {t.name} but its rows ({ne[0]}) are not whole blocks")
-            n = numel(ne)
-            nbytes = t.nbytes(n)
+            # Python integers: dimensions of up to 2^31 each multiply past 2^63 without wrapping.
+            nbytes = t.nbytes(numel(ne))
             if off + nbytes > f.size:
                 raise ModelFormatError(
-                    f"{p}: truncated in tensor {name!r} (needs {off + nbytes} bytes, file has {f.size})")
+                    f"{p}: truncated in tensor {name!r} (needs {off + nbytes:,} bytes, file has {f.size:,})")
             shape = tuple(reversed(ne))
             self._infos[name] = TensorInfo(name, shape, t.name, nbytes)
             self._offsets[name] = off
@@ -154,7 +156,10 @@ class GgmlSource(MappedSource):
             raw = self._file.array(FLOATS[info.dtype], off, numel(info.shape)).reshape(info.shape)
             return as_float32(raw, info.dtype)
         blocks = self._file.array(np.uint8, off, info.nbytes).reshape(-1, TYPES_BY_NAME[info.dtype].block_bytes)
-        return DEQUANTIZE[info.dtype](blocks).reshape(info.shape)
+        # An infinite scale times a zero weight is NaN: the converter names the tensor (rwkvcpu.checks),
+        # numpy's warning would not.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return DEQUANTIZE[info.dtype](blocks).reshape(info.shape)
 
 
 # Dequantization of ggml blocks: each takes (n_blocks, block_bytes) uint8 and

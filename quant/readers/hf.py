@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from rwkvcpu.errors import ModelFormatError, UnsupportedModelError
+from rwkvcpu.errors import ModelFormatError, UnsupportedModelError, open_input, shown
 
 from .base import OFFICIAL, Source, TensorInfo
 
@@ -36,7 +36,7 @@ class MultiSource(Source):
         shared = shared_tensor(parts)
         if shared is not None:
             name, a, b = shared
-            raise ModelFormatError(f"{path}: tensor {name!r} appears in two shards, {a.path.name} and {b.path.name}")
+            raise ModelFormatError(f"{path}: tensor {shown(name)} appears in two shards, {a.path.name} and {b.path.name}")
         self._owner = {}
         for part in parts:
             for name, info in part.tensors().items():
@@ -181,14 +181,49 @@ def to_official(source, fla_eps=None):
 
 # ---------------------------------------------------------------- folders
 
-def _config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return {}
+# config.json and shard indexes are a few KB; a larger one is not a model folder's.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+def _read_json(file: Path, what: str):
+    """A folder's JSON file, parsed; one-line ModelFormatErrors for anything else."""
+    with open_input(file, what, ModelFormatError) as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ModelFormatError(f"{file}: a {what} of more than {MAX_JSON_BYTES:,} bytes; not a model folder's")
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{cfg}: unreadable config.json ({e})") from None
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFormatError(f"{file}: unreadable {what} ({shown(str(e))})") from None
+
+
+def _config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return {}
+    cfg = _read_json(cfg_file, "config.json")
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{cfg_file}: config.json holds a {type(cfg).__name__}, not an object")
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ModelFormatError(f"{cfg_file}: \"architectures\" is {shown(archs)}, not a list of names")
+    for key in ("norm_eps", "head_dim"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ModelFormatError(f"{cfg_file}: \"{key}\" is {shown(v)}, not a number")
+    return cfg
+
+
+def _shard_names(index: Path, weight_map) -> list:
+    """The file names a shard index lists, each a plain file of the folder."""
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelFormatError(f"{index}: unreadable shard index (weight_map must map tensor names to file names)")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            # A shard is a file beside the index: never a path reaching elsewhere on the disk.
+            raise ModelFormatError(f"{index}: shard {shown(name)} is not a file name in the folder")
+    return names
 
 
 def _weight_files(path: Path) -> tuple:
@@ -197,11 +232,9 @@ def _weight_files(path: Path) -> tuple:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-                raise ModelFormatError(f"{index}: unreadable shard index ({e})") from None
-            files = sorted({path / f for f in weight_map.values()})
+            data = _read_json(index, "shard index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            files = [path / f for f in _shard_names(index, weight_map)]
             missing = [f for f in files if not f.is_file()]
             if missing:
                 raise ModelFormatError(f"{missing[0]}: shard listed in {index_name} is missing")
@@ -265,9 +298,12 @@ def open_folder(path, open_file) -> Source:
             p.close()
         raise
     fla_eps = None
-    if "norm_eps" in cfg:
-        # fla's g_norm epsilon is head_dim * norm_eps (64e-5 for head size 64).
-        fla_eps = float(cfg.get("head_dim") or 64) * float(cfg["norm_eps"])
+    if cfg.get("norm_eps") is not None:
+        # fla's g_norm epsilon is head_dim * norm_eps (64e-5 for head size 64); detect checks it is positive.
+        try:
+            fla_eps = float(cfg.get("head_dim") or 64) * float(cfg["norm_eps"])
+        except OverflowError:
+            raise ModelFormatError(f"{path / 'config.json'}: head_dim or norm_eps is out of range") from None
     src = to_official(raw, fla_eps)
     src.path = path
     src.details = dict(src.details, **({"architectures": ", ".join(archs)} if archs else {}))
