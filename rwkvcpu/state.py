@@ -228,7 +228,7 @@ class State:
                 header = parse_header(f.read(n), size - 8 - n, path)
                 meta = header.pop("__metadata__")
                 entry = header.get("state")
-                if meta.get("format") != "rwkvcpu-state" or set(header) != {"state"}:
+                if meta.get("format") != "rwkvcpu-state" or entry is None:
                     raise StateMismatchError(f"{path}: not a state file saved by rwkvcpu")
                 if meta.get("fingerprint") != model.fingerprint:
                     raise StateMismatchError(

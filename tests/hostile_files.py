@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from rwkvcpu.quant.official import random_official_state_dict, to_bf16
+from checkpoints import random_official_state_dict, to_bf16
 
 # ---------------------------------------------------------------- .pth
 
@@ -284,7 +284,7 @@ def build_seeds(folder: Path, shared: Optional[Path] = None) -> Seeds:
     from safetensors.numpy import save_file
 
     from rwkvcpu.quant.convert import convert
-    from rwkvcpu.quant.official import write_pth
+    from checkpoints import write_pth
     from rwkvcpu.state import State
     from test_readers_hf import DIMS as HF_DIMS
     from test_readers_hf import fla_names, transformers_names
