@@ -48,10 +48,16 @@ from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("rwkvcpu.scheduler")
 
-# Defaults, from benchmarks/bench_serve.py's measurements on a 2-core machine (see benchmarks/RESULTS.md).
+# Defaults (flags of `rwkvcpu serve`). From the 2-core figures of benchmarks/RESULTS.md's quiet run: v7-0.4b
+# int8 decodes a token in ~25 ms and reads a prompt at ~190 tokens/s (v7-0.1b: 7 ms, ~500 tokens/s).
+# A budget of 64 prompt tokens per step holds the streams already decoding to ~0.35 s (0.4b) / ~0.13 s
+# (0.1b) per token while a prompt is read, where 256 would stall them 1.4 s / 0.5 s; and a 2,000-token
+# prompt takes 32 steps instead of 8, which costs it ~5% more time to its first token (the decode part
+# of the extra steps). bench_serve.py's step table ("what the defaults rest on") shows the trade on the
+# machine at hand. 8 sequences: the design point; 8 states of v7-0.4b are 52 MB.
 DEFAULT_MAX_BATCH = 8          # sequences stepping together (and state slots)
 DEFAULT_PREFILL_BUDGET = 64    # prompt tokens read per step, over all sequences
-DEFAULT_MAX_QUEUE = 64         # requests waiting for a slot before new ones are refused
+DEFAULT_MAX_QUEUE = 64         # requests waiting for a slot, once all are taken, before new ones are refused
 
 # At most this many alternatives per token with logprobs (OpenAI's limit for top_logprobs).
 MAX_TOP_LOGPROBS = 20
