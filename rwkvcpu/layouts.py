@@ -129,6 +129,20 @@ BLOCK_TENSORS = {
 }
 
 
+def resolve_shape(shape: tuple, dims: dict) -> tuple:
+    """A symbolic shape in numbers.
+
+    Args:
+        shape: ints and symbols, e.g. ("5E_maa", "D") (a leading number multiplies the symbol).
+        dims: symbol -> size (ModelConfig.dims(), plus any others the caller uses).
+
+    Example:
+        >>> resolve_shape(("5E_maa", "D", 2), {"E_maa": 32, "D": 768})
+        (160, 768, 2)
+    """
+    return tuple(_resolve(d, dims) for d in shape)
+
+
 def _resolve(dim, dims: dict) -> int:
     if isinstance(dim, int):
         return dim
@@ -158,14 +172,14 @@ def expected_tensors(config: ModelConfig, include_optional: bool = True) -> dict
     out = {}
     try:
         for spec in GLOBAL:
-            out[spec.name] = (tuple(_resolve(d, dims) for d in spec.shape), spec.kind, spec.optional)
+            out[spec.name] = (resolve_shape(spec.shape, dims), spec.kind, spec.optional)
         for i in range(config.n_layer):
             for spec in BLOCK_TENSORS[config.family]:
                 if spec.generations is not None and config.generation not in spec.generations:
                     continue
                 if i < spec.from_layer or (spec.optional and not include_optional):
                     continue
-                shape = tuple(_resolve(d, dims) for d in spec.shape)
+                shape = resolve_shape(spec.shape, dims)
                 out[f"blocks.{i}.{spec.name}"] = (shape, spec.kind, spec.optional)
     except KeyError as e:
         raise ModelFormatError(f"{config.generation} model is missing the dimension {e} in its configuration") from None

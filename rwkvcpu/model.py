@@ -29,8 +29,9 @@ from .state import State, model_fingerprint, state_size
 # the minor versions of v5 differ only in which tensors the file holds).
 ARCHS = {"v4": v4, "v5": v5, "v6": v6, "v7": v7}
 
-# Tokens per block on the sequence path: the matrix products of a block are one
-# GEMM each; longer prompts are run block after block through the state.
+# Tokens per block: the matrix products of a block are one call each (one GEMM
+# for BLAS); longer prompts, and steps of more tokens, run block after block
+# through the states. Bounds the work buffers at PROMPT_BLOCK rows.
 PROMPT_BLOCK = 256
 
 # What an out-of-file checkpoint is converted to when load() is not told.
@@ -61,7 +62,8 @@ class Model:
         self._formats = sorted({v[0] for v in tensors.values() if isinstance(v, tuple)})
         self.fingerprint = model_fingerprint(config, self.metadata.get("source_sha256") or self._content_id(tensors))
         self._initial = self._initial_data(tensors)
-        self._scratch = common.Scratch()
+        self._sections = common.section_offsets(config)
+        self._workspace = common.Workspace(self._arch, config)
         self._lock = threading.Lock()
         self._tokenizer = None
 
@@ -106,12 +108,16 @@ class Model:
     def forward(self, tokens, state: Optional[State] = None, *, all_logits: bool = False):
         """Run tokens through the model.
 
-        One token runs the one-token path (matrix-vector products); several run
-        the sequence path (one matrix product per weight for a block of up to
-        PROMPT_BLOCK tokens, the recurrence token by token). Both use the same
-        kernel for each int8/int4 matrix and for fp32/fp16 matrices under 1 MB,
-        so they give the same numbers to the bit there; larger fp32/fp16 matrices
-        take BLAS for a block of tokens, which sums in another order (within 1e-5).
+        One sequence is the engine's smallest batch (see `step`): its tokens
+        run in blocks of up to PROMPT_BLOCK, each matrix product one call over
+        the block, the recurrence token by token. Every int8/int4 matrix, and
+        every fp32/fp16 matrix under 1 MB, uses our own kernel for any block, so
+        token t's numbers do not depend on the tokens around it: one token at a
+        time and a whole prompt give the same logits and state to the bit.
+        fp32/fp16 matrices of 1 MB and more take BLAS for blocks of several
+        tokens, which sums in another order: there the two differ by float32
+        rounding, bounded by a few ulps of the sums of |products| (the tests
+        derive the bound per model).
 
         Args:
             tokens: a non-empty sequence of int token ids in [0, vocab_size).
@@ -136,19 +142,49 @@ class Model:
         """
         toks = self._check_tokens(tokens)
         new = self.initial_state() if state is None else self._check_state(state)
-        T, V = toks.shape[0], self.config.vocab_size
-        logits = np.empty((T if all_logits else 1, V), np.float32)
+        logits = np.empty((toks.shape[0] if all_logits else 1, self.config.vocab_size), np.float32)
         with self._lock:
             self._use_threads()
-            for t0 in range(0, T, PROMPT_BLOCK):
-                block = toks[t0:t0 + PROMPT_BLOCK]
-                if all_logits:
-                    out = logits[t0:t0 + block.shape[0]]
-                else:
-                    out = logits if t0 + PROMPT_BLOCK >= T else None
-                common.forward(self._arch, self.config, self._weights, block, new, self._scratch, out)
+            # The State's flat array as a state array of one row: advanced in place.
+            self._advance(new.data.reshape(1, -1), [0], [toks], logits, every_token=all_logits)
         self._check_logits(logits)
         return (logits if all_logits else logits[0]), new
+
+    def _advance(self, states: np.ndarray, rows, token_arrays, logits, every_token: bool = False) -> None:
+        """The engine: advance sequence b by token_arrays[b] from row rows[b] of `states`, in place.
+
+        The tokens of all sequences are concatenated into blocks of at most
+        PROMPT_BLOCK rows (a sequence longer than what is left of a block
+        continues in the next one), and each block is one common.forward.
+
+        Args:
+            states: (C, state_floats) float32, C-contiguous.
+            rows: B distinct state rows.
+            token_arrays: B checked (n_b,) int64 arrays.
+            logits: (B, V) float32: row b gets the logits after sequence b's last token;
+                with every_token (one sequence), (n_0, V): the logits after each token.
+        """
+        lengths = [a.shape[0] for a in token_arrays]
+        for pieces in _blocks(lengths, PROMPT_BLOCK):
+            segs = np.empty((len(pieces), 3), np.int64)
+            want, dest, end = [], [], 0
+            for j, (b, t0, t1) in enumerate(pieces):
+                start, end = end, end + t1 - t0
+                segs[j] = (rows[b], start, end)
+                if every_token:
+                    want.extend(range(start, end))
+                    dest.extend(range(t0, t1))
+                elif t1 == lengths[b]:
+                    want.append(end - 1)
+                    dest.append(b)
+            b, t0, t1 = pieces[0]
+            toks = token_arrays[b][t0:t1] if len(pieces) == 1 else \
+                np.concatenate([token_arrays[b][t0:t1] for b, t0, t1 in pieces])
+            # Sequences finish in order, so the logits rows of a block are consecutive.
+            out = logits[dest[0]:dest[-1] + 1] if dest else None
+            common.forward(self._arch, self.config, self._weights, toks,
+                           common.Sequences(states, segs, self._sections), self._workspace.work(end),
+                           out, np.array(want, np.int64))
 
     # ------------------------------------------------- several sequences at once
 
@@ -162,7 +198,16 @@ class Model:
 
         Each entry of `batch` is (slot, tokens): one token for a sequence that
         decodes, a chunk of its prompt for one that prefills; a step may mix both.
-        The slots' states are advanced in place.
+        The tokens of all entries form one block (blocks of PROMPT_BLOCK, when
+        more): every weight matrix is read once for all of them, while token
+        shift and the recurrences run per sequence on its slot of the pool, in
+        place (no state is copied in or out).
+
+        A sequence's logits and state are what `forward` gives for it alone:
+        to the bit wherever our own kernels do the products (every int8/int4
+        matrix, fp32/fp16 matrices under 1 MB); fp32/fp16 matrices of 1 MB and
+        more take BLAS for blocks of several tokens, whose sums may round
+        differently in another block (float32 rounding of the products' sums).
 
         Args:
             pool: a StatePool of this model (`state_pool`).
@@ -170,7 +215,7 @@ class Model:
 
         Returns:
             (len(batch), vocab_size) float32: row b is the logits after the last
-            token of batch[b], equal to what `forward` gives for that sequence alone.
+            token of batch[b].
 
         Raises:
             InvalidArgumentError: an empty batch, a slot given twice or not in use,
@@ -189,16 +234,12 @@ class Model:
         slots = [slot for slot, _ in entries]
         if len(set(slots)) != len(slots):
             raise InvalidArgumentError("a slot appears twice in one batch: give each sequence once per step")
-        states = [pool.state(slot) for slot in slots]
+        for slot in slots:
+            pool.state(slot)    # raises for a slot not in use
         logits = np.empty((len(entries), self.config.vocab_size), np.float32)
         with self._lock:
             self._use_threads()
-            # One sequence at a time for now; each gives exactly what forward() gives.
-            for b, ((_, toks), state) in enumerate(zip(entries, states)):
-                for t0 in range(0, toks.shape[0], PROMPT_BLOCK):
-                    last = t0 + PROMPT_BLOCK >= toks.shape[0]
-                    common.forward(self._arch, self.config, self._weights, toks[t0:t0 + PROMPT_BLOCK], state,
-                                   self._scratch, logits[b:b + 1] if last else None)
+            self._advance(pool.data, slots, [toks for _, toks in entries], logits)
         self._check_logits(logits)
         return logits
 
@@ -344,6 +385,31 @@ class Model:
         """A multi-turn chat keeping its state; see rwkvcpu.generate.ChatSession."""
         from .generate import ChatSession
         return ChatSession(self, **sampling)
+
+
+def _blocks(lengths, size: int):
+    """Cut sequences of these lengths, in order, into blocks of at most `size` tokens.
+
+    Yields:
+        per block, a list of (sequence index, first token, end token): consecutive
+        pieces of the sequences, a sequence cut where a block is full.
+
+    Example:
+        >>> list(_blocks([3, 1], 2))
+        [[(0, 0, 2)], [(0, 2, 3), (1, 0, 1)]]
+    """
+    block, used = [], 0
+    for b, n in enumerate(lengths):
+        t = 0
+        while t < n:
+            take = min(n - t, size - used)
+            block.append((b, t, t + take))
+            used, t = used + take, t + take
+            if used == size:
+                yield block
+                block, used = [], 0
+    if block:
+        yield block
 
 
 def _requantize(tensors: dict, dtype: str) -> dict:

@@ -1,16 +1,26 @@
-"""What every RWKV generation shares: the weight containers, the block loop,
-the v4/v5/v6 channel mix, and the work buffers.
+"""What every RWKV generation shares: the weight containers, the block loop
+(`forward`), the v4/v5/v6 channel mix, the sequences of a block and the work
+buffers.
+
+A block is T tokens of one or more sequences, in order (`Sequences`: rows
+segs[b, 1] .. segs[b, 2] - 1 are sequence b's). Every matrix product is one
+call over all T rows (rwkvcpu/matrix.py: matmul), and everything else but the
+token shift and the recurrences is elementwise over them; those two run per
+sequence, on its own row of the state array, in place. One sequence decoding
+is a block of one token; a prompt chunk, or a step of several sequences, is a
+longer one. Row t's result does not depend on which other rows share the
+block (except through BLAS, see matmul).
 
 A generation module (v4.py, v5.py, v6.py, v7.py) provides:
 
-    load_time_mix(t, prefix, config, layer) -> its TimeMix NamedTuple
-    time_mix(att, layer, config, xn, state, ws, x)      x += TimeMix(xn), state updated
-    load_channel_mix(t, prefix) -> its ChannelMix NamedTuple
-    channel_mix(ffn, xn, prev, ws, x)                   x += ChannelMix(xn), prev updated
-
-Activations are (T, D) float32 blocks of T tokens: T = 1 when decoding, a
-prompt chunk otherwise. Everything except the matrix products (rwkvcpu/matrix.py:
-matmul) and the recurrences is elementwise over that block.
+    TimeMixWork, ChannelMixWork                   its work buffers (NamedTuples; each field's
+                                                  default is its symbolic shape)
+    load_time_mix(t, prefix, config, layer)       -> its TimeMix NamedTuple
+    time_mix(att, i, config, xn, seqs, ws, x, v_first)
+                                                  x += TimeMix(xn), layer i's state sections advanced;
+                                                  v_first: v7's layer-0 value (unused before v7)
+    load_channel_mix(t, prefix)                   -> its ChannelMix NamedTuple
+    channel_mix(ffn, i, config, xn, seqs, ws, x)  x += ChannelMix(xn), layer i's ffn_x advanced
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ import numpy as np
 from ..config import LAYER_NORM_EPS
 from ..kernels.norms import layer_norm
 from ..kernels.ops import add_product_, mix, relu_square_, sigmoid_, token_shift
+from ..layouts import resolve_shape
 from ..matrix import dequantize_rows, from_parts, matmul
+from ..state import state_layout
 
 
 class Norm(NamedTuple):
@@ -90,38 +102,100 @@ class Tensors:
         return Norm(self.vector(prefix + ".weight"), self.vector(prefix + ".bias"))
 
 
-# Cached (name, shape) views in a Scratch; one token needs about 40.
-_MAX_VIEWS = 1024
+class Sequences(NamedTuple):
+    """The sequences of a block of tokens and their states.
+
+    Example (two sequences: 3 tokens from state row 5, then 1 token from row 0):
+        >>> Sequences(pool.data, np.array([[5, 0, 3], [0, 3, 4]]), section_offsets(config))
+    """
+    states: np.ndarray      # (C, F) f32: one flat state per row (rwkvcpu.state's layout), advanced in place
+    segs: np.ndarray        # (B, 3) i64: per sequence its state row, first row and end row in the block
+    sections: dict          # section name -> (offset of layer 0, floats per layer): section_offsets(config)
+
+    def at(self, section: str, layer: int) -> int:
+        """Where layer `layer`'s part of a state section (e.g. "wkv") starts within a state row."""
+        offset, size = self.sections[section]
+        return offset + layer * size
 
 
-class Scratch:
-    """Named float32 work buffers, reused from call to call.
+def section_offsets(config) -> dict:
+    """Section name -> (offset, floats per layer) of a state row, from rwkvcpu.state.state_layout."""
+    return {name: (s.offset, math.prod(s.shape[1:])) for name, s in state_layout(config).items()}
 
-    get(name, shape) returns a C-contiguous view of the buffer of that name,
-    growing it when a larger shape is asked for; views are cached, so the
-    one-token path makes no new arrays. A buffer's contents are only
-    meaningful within one forward call.
+
+class Stream(NamedTuple):
+    """The residual stream of a block of T tokens (each field's default is its shape)."""
+    x: np.ndarray = ("T", "D")          # the residual stream
+    xn: np.ndarray = ("T", "D")         # its layer norm: the input of each mix
+    v_first: np.ndarray = ("T", "D")    # v7: layer 0's value, which the later layers lean towards
+
+
+class ChannelMixWork(NamedTuple):
+    """Work buffers of the v4/v5/v6 channel mix for T tokens (each field's default is its shape)."""
+    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
+    xm: np.ndarray = (2, "T", "D")      # token-shift mixes of k, r
+    h: np.ndarray = ("T", "F")          # relu(Wk xk)^2
+    r: np.ndarray = ("T", "D")          # sigmoid(Wr xr)
+    y: np.ndarray = ("T", "D")          # Wv h
+
+
+class Work(NamedTuple):
+    """Every work buffer of one block of T tokens (see Workspace)."""
+    stream: Stream
+    att: NamedTuple         # the generation's TimeMixWork
+    ffn: NamedTuple         # its ChannelMixWork
+
+
+class Workspace:
+    """A model's work buffers, reused from call to call.
+
+    Each buffer is one flat float32 array, grown to the largest block seen;
+    `work(T)` hands out a Work of views shaped for T tokens. The Works of the
+    last few block sizes are kept, so decoding step after step makes no new
+    arrays. A buffer's contents are only meaningful within one forward call.
+
+    Example:
+        >>> ws = Workspace(v7, config)
+        >>> ws.work(1).att.r.shape
+        (1, 768)
     """
 
-    def __init__(self):
-        self._bufs = {}
-        self._views = {}
+    # Block sizes whose Works are kept (prompts and batches of many sizes: bounded).
+    KEEP = 8
 
-    def get(self, name: str, shape: tuple) -> np.ndarray:
-        view = self._views.get((name, shape))
-        if view is not None:
-            return view
-        n = math.prod(shape)
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < n:
-            buf = self._bufs[name] = np.empty(n, np.float32)
-            # views of the old, smaller buffer must not be handed out again
-            self._views = {k: v for k, v in self._views.items() if k[0] != name}
-        if len(self._views) >= _MAX_VIEWS:
-            # prompts of many different lengths: keep the cache bounded
-            self._views.clear()
-        view = self._views[name, shape] = buf[:n].reshape(shape)
-        return view
+    def __init__(self, gen, config):
+        self._types = (Stream, gen.TimeMixWork, gen.ChannelMixWork)
+        self._dims = config.dims()
+        self._rows = 0
+        self._flat = {}
+        self._works = {}
+
+    def work(self, T: int) -> Work:
+        """The work buffers for a block of T tokens."""
+        w = self._works.get(T)
+        if w is None:
+            if T > self._rows:
+                self._grow(T)
+            if len(self._works) >= self.KEEP:
+                self._works.clear()
+            w = self._works[T] = Work(*(self._views(kind, T) for kind in self._types))
+        return w
+
+    def _grow(self, T):
+        # Views of the smaller buffers must not be handed out again.
+        self._rows, self._works = T, {}
+        self._flat = {(kind, f): np.empty(math.prod(self._shape(shape, T)), np.float32)
+                      for kind in self._types for f, shape in kind._field_defaults.items()}
+
+    def _views(self, kind, T):
+        views = {}
+        for f, shape in kind._field_defaults.items():
+            shape = self._shape(shape, T)
+            views[f] = self._flat[kind, f][:math.prod(shape)].reshape(shape)
+        return kind(**views)
+
+    def _shape(self, shape, T) -> tuple:
+        return resolve_shape(shape, {**self._dims, "T": T})
 
 
 def load_weights(gen, config, t: Tensors) -> Weights:
@@ -139,36 +213,36 @@ def load_weights(gen, config, t: Tensors) -> Weights:
                    ln_out=t.norm("ln_out"), head=t.matrix("head.weight"))
 
 
-def forward(gen, config, w: Weights, tokens, state, ws: Scratch, logits: Optional[np.ndarray]) -> None:
-    """Run a block of tokens through the model, updating `state` in place.
+def forward(gen, config, w: Weights, tokens, seqs: Sequences, work: Work,
+            logits: Optional[np.ndarray], rows: Optional[np.ndarray]) -> None:
+    """Run a block of tokens of one or more sequences through the model, advancing
+    each sequence's state in place.
 
     Args:
         gen: the generation module.
         config: the model's ModelConfig.
         w: its weights.
-        tokens: (T,) int token ids, already checked.
-        state: the State to advance (modified).
-        ws: work buffers.
-        logits: None (no head needed), (1, V) for the last token's logits, or
-            (T, V) for every token's.
+        tokens: (T,) int token ids, already checked; sequence b's are
+            tokens[seqs.segs[b, 1]:seqs.segs[b, 2]].
+        seqs: the block's sequences and their states.
+        work: work buffers for T tokens (Workspace.work(T)).
+        logits: None (no head needed), or (R, V) f32 for the logits after the block's rows `rows`.
+        rows: (R,) int, the rows whose logits are wanted.
     """
-    T, D = len(tokens), config.n_embd
-    x = ws.get("x", (T, D))
+    s = work.stream
+    x, xn = s.x, s.xn
     for t, tok in enumerate(tokens):
         dequantize_rows(w.emb, int(tok), x[t:t + 1])
-    xn = ws.get("xn", (T, D))
-    ffn_x = state.ffn_x
     for i, blk in enumerate(w.blocks):
         layer_norm(x, blk.ln1.weight, blk.ln1.bias, LAYER_NORM_EPS, xn)
-        gen.time_mix(blk.att, i, config, xn, state, ws, x)
+        gen.time_mix(blk.att, i, config, xn, seqs, work.att, x, s.v_first)
         layer_norm(x, blk.ln2.weight, blk.ln2.bias, LAYER_NORM_EPS, xn)
-        gen.channel_mix(blk.ffn, xn, ffn_x[i], ws, x)
+        gen.channel_mix(blk.ffn, i, config, xn, seqs, work.ffn, x)
     if logits is None:
         return
-    rows = x if logits.shape[0] == T else x[T - 1:]
-    xo = ws.get("xo", rows.shape)
-    layer_norm(rows, w.ln_out.weight, w.ln_out.bias, LAYER_NORM_EPS, xo)
-    matmul(w.head, xo, logits)
+    last = x[rows]
+    layer_norm(last, w.ln_out.weight, w.ln_out.bias, LAYER_NORM_EPS, last)
+    matmul(w.head, last, logits)
 
 
 def load_channel_mix(t: Tensors, prefix: str) -> ChannelMix:
@@ -180,17 +254,13 @@ def load_channel_mix(t: Tensors, prefix: str) -> ChannelMix:
     )
 
 
-def channel_mix(ffn: ChannelMix, xn, prev, ws: Scratch, x) -> None:
-    """x += sigmoid(Wr xr) * (Wv relu(Wk xk)^2), xk/xr token-shifted from xn; prev <- last row of xn."""
-    T, D = xn.shape
-    F = ffn.key.shape[0]
-    dx = ws.get("dx", (T, D))
-    token_shift(xn, prev, dx)
-    xm = ws.get("xm", (2, T, D))
-    mix(xn, dx, ffn.maa, xm)
-    h = matmul(ffn.key, xm[0], ws.get("ffn_h", (T, F)))
+def channel_mix(ffn: ChannelMix, i: int, config, xn, seqs: Sequences, ws: ChannelMixWork, x) -> None:
+    """x += sigmoid(Wr xr) * (Wv relu(Wk xk)^2), xk/xr token-shifted from xn; layer i's ffn_x advanced."""
+    token_shift(xn, seqs.states, seqs.segs, seqs.at("ffn_x", i), ws.dx)
+    mix(xn, ws.dx, ffn.maa, ws.xm)
+    h = matmul(ffn.key, ws.xm[0], ws.h)
     relu_square_(h)
-    r = matmul(ffn.receptance, xm[1], ws.get("ffn_r", (T, D)))
+    r = matmul(ffn.receptance, ws.xm[1], ws.r)
     sigmoid_(r)
-    y = matmul(ffn.value, h, ws.get("ffn_y", (T, D)))
+    y = matmul(ffn.value, h, ws.y)
     add_product_(x, y, r)

@@ -16,7 +16,7 @@ import numpy as np
 from ..kernels.ops import add_, mix, mul_, sigmoid_, token_shift
 from ..kernels.wkv import wkv4
 from ..matrix import matmul
-from .common import Scratch, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
+from .common import ChannelMixWork, Sequences, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
 
 
 class TimeMix(NamedTuple):
@@ -27,6 +27,17 @@ class TimeMix(NamedTuple):
     value: object           # (D, D) matrix
     receptance: object      # (D, D) matrix
     output: object          # (D, D) matrix
+
+
+class TimeMixWork(NamedTuple):
+    """v4's time-mix work buffers for T tokens (each field's default is its shape)."""
+    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
+    xm: np.ndarray = (3, "T", "D")      # token-shift mixes of k, v, r
+    k: np.ndarray = ("T", "D")          # key
+    v: np.ndarray = ("T", "D")          # value
+    r: np.ndarray = ("T", "D")          # sigmoid(receptance)
+    y: np.ndarray = ("T", "D")          # wkv4's output, then r * it
+    o: np.ndarray = ("T", "D")          # the output projection
 
 
 def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
@@ -41,18 +52,17 @@ def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
     )
 
 
-def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
-    """x += the time mix of xn (T, D); advances layer i's att_x, att_aa, att_bb, att_pp."""
-    T, D = xn.shape
-    dx = ws.get("dx", (T, D))
-    token_shift(xn, state.att_x[i], dx)
-    xm = ws.get("xm", (3, T, D))
-    mix(xn, dx, att.maa, xm)
-    k = matmul(att.key, xm[0], ws.get("k", (T, D)))
-    v = matmul(att.value, xm[1], ws.get("v", (T, D)))
-    r = matmul(att.receptance, xm[2], ws.get("r", (T, D)))
+def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork, x, v_first) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x, att_aa, att_bb, att_pp of each sequence.
+    (v_first: v7's, unused here.)"""
+    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), ws.dx)
+    mix(xn, ws.dx, att.maa, ws.xm)
+    k = matmul(att.key, ws.xm[0], ws.k)
+    v = matmul(att.value, ws.xm[1], ws.v)
+    r = matmul(att.receptance, ws.xm[2], ws.r)
     sigmoid_(r)
-    y = ws.get("y", (T, D))
-    wkv4(k, v, att.log_decay, att.bonus, state.att_aa[i], state.att_bb[i], state.att_pp[i], y)
+    y = ws.y
+    wkv4(k, v, att.log_decay, att.bonus, seqs.states, seqs.segs,
+         seqs.at("att_aa", i), seqs.at("att_bb", i), seqs.at("att_pp", i), y)
     mul_(y, r)
-    add_(x, matmul(att.output, y, ws.get("o", (T, D))))
+    add_(x, matmul(att.output, y, ws.o))

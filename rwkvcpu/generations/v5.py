@@ -21,7 +21,7 @@ from ..kernels.norms import group_norm
 from ..kernels.ops import add_, mix, mul_, silu_, token_shift
 from ..kernels.wkv import wkv5
 from ..matrix import matmul
-from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
+from .common import ChannelMixWork, Norm, Sequences, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
 
 
 class TimeMix(NamedTuple):
@@ -34,6 +34,18 @@ class TimeMix(NamedTuple):
     gate: Optional[object]  # (D, D) matrix; None in 5.0
     output: object          # (D, D) matrix
     ln_x: Norm              # group norm, per head
+
+
+class TimeMixWork(NamedTuple):
+    """v5's time-mix work buffers for T tokens (each field's default is its shape)."""
+    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
+    xm: np.ndarray = (4, "T", "D")      # token-shift mixes of r, k, v, g (5.0: the first three)
+    r: np.ndarray = ("T", "D")          # receptance
+    k: np.ndarray = ("T", "D")          # key
+    v: np.ndarray = ("T", "D")          # value
+    g: np.ndarray = ("T", "D")          # silu(gate) (5.1, 5.2)
+    y: np.ndarray = ("T", "D")          # wkv5's output, normed and gated
+    o: np.ndarray = ("T", "D")          # the output projection
 
 
 def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
@@ -52,32 +64,31 @@ def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
     )
 
 
-def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
-    """x += the time mix of xn (T, D); advances layer i's att_x and wkv."""
-    T, D = xn.shape
-    dx = ws.get("dx", (T, D))
-    token_shift(xn, state.att_x[i], dx)
-    xm = ws.get("xm", (att.maa.shape[0], T, D))
-    mix(xn, dx, att.maa, xm)
-    r = matmul(att.receptance, xm[0], ws.get("r", (T, D)))
-    k = matmul(att.key, xm[1], ws.get("k", (T, D)))
-    v = matmul(att.value, xm[2], ws.get("v", (T, D)))
+def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork, x, v_first) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x and wkv of each sequence.
+    (v_first: v7's, unused here.)"""
+    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), ws.dx)
+    xm = ws.xm if att.gate is not None else ws.xm[:3]
+    mix(xn, ws.dx, att.maa, xm)
+    r = matmul(att.receptance, xm[0], ws.r)
+    k = matmul(att.key, xm[1], ws.k)
+    v = matmul(att.value, xm[2], ws.v)
     g = None
     if att.gate is not None:
-        g = matmul(att.gate, xm[3], ws.get("g", (T, D)))
+        g = matmul(att.gate, xm[3], ws.g)
         silu_(g)
-    heads_output(att, config, r, k, v, att.decay, g, state.wkv[i], ws, x)
+    heads_output(att, i, config, r, k, v, att.decay, g, seqs, ws, x)
 
 
-def heads_output(att, config, r, k, v, decay, g, s, ws: Scratch, x) -> None:
-    """The part v5 and v6 share: x += Wo (group_norm(wkv5(r, k, v)) [* g]); s advanced.
+def heads_output(att, i, config, r, k, v, decay, g, seqs: Sequences, ws, x) -> None:
+    """The part v5 and v6 share: x += Wo (group_norm(wkv5(r, k, v)) [* g]); layer i's wkv advanced.
 
-    r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, g: (T, D) f32 or None, s: (H, S, S) f32
+    r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, g: (T, D) f32 or None,
+    ws: v5's or v6's TimeMixWork (its y and o are used)
     """
-    T, D = r.shape
-    y = ws.get("y", (T, D))
-    wkv5(r, k, v, decay, att.bonus, s, y)
+    y = ws.y
+    wkv5(r, k, v, decay, att.bonus, seqs.states, seqs.segs, seqs.at("wkv", i), config.n_head, y)
     group_norm(y, config.n_head, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
     if g is not None:
         mul_(y, g)
-    add_(x, matmul(att.output, y, ws.get("o", (T, D))))
+    add_(x, matmul(att.output, y, ws.o))

@@ -18,7 +18,7 @@ import numpy as np
 from ..kernels.ops import mix, mix_dynamic, silu_, tanh_, token_shift
 from ..kernels.wkv import decay_v6_
 from ..matrix import from_parts, matmul
-from .common import Norm, Scratch, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
+from .common import ChannelMixWork, Norm, Sequences, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
 from .v5 import heads_output
 
 # Order of the five data-dependent mixes, as in the official time_maa_w2.
@@ -42,6 +42,24 @@ class TimeMix(NamedTuple):
     ln_x: Norm              # group norm, per head
 
 
+class TimeMixWork(NamedTuple):
+    """v6's time-mix work buffers for T tokens (each field's default is its shape)."""
+    dx: np.ndarray = ("T", "D")             # the previous token's xn minus this one's
+    xx: np.ndarray = (1, "T", "D")          # xn + dx * maa_x: the input of the low-rank deltas
+    lora_h: np.ndarray = ("T", "5E_maa")    # tanh(W1 xx), the five mixes' hidden parts side by side
+    lora_hj: np.ndarray = (5, "T", "E_maa") # the same, one contiguous block per mix
+    delta: np.ndarray = (5, "T", "D")       # the data-dependent mix deltas of w, k, v, r, g
+    xm: np.ndarray = (5, "T", "D")          # token-shift mixes of w, k, v, r, g
+    decay_h: np.ndarray = ("T", "E_decay")  # tanh(D1 x_w)
+    w: np.ndarray = ("T", "D")              # decay
+    r: np.ndarray = ("T", "D")              # receptance
+    k: np.ndarray = ("T", "D")              # key
+    v: np.ndarray = ("T", "D")              # value
+    g: np.ndarray = ("T", "D")              # silu(gate)
+    y: np.ndarray = ("T", "D")              # wkv5's output, normed and gated
+    o: np.ndarray = ("T", "D")              # the output projection
+
+
 def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
     w2 = t.vector(p + "time_maa_w2")
     return TimeMix(
@@ -62,32 +80,29 @@ def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
     )
 
 
-def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
-    """x += the time mix of xn (T, D); advances layer i's att_x and wkv."""
+def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork, x, v_first) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x and wkv of each sequence.
+    (v_first: v7's, unused here.)"""
     T, D = xn.shape
     n_mix, E = len(_MIXES), att.maa_w2[0].shape[1]
-    dx = ws.get("dx", (T, D))
-    token_shift(xn, state.att_x[i], dx)
-    xx = ws.get("xx", (1, T, D))
-    mix(xn, dx, att.maa_x, xx)
-    hidden = matmul(att.maa_w1, xx[0], ws.get("lora_h", (T, n_mix * E)))
+    dx = ws.dx
+    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), dx)
+    mix(xn, dx, att.maa_x, ws.xx)
+    hidden = matmul(att.maa_w1, ws.xx[0], ws.lora_h)
     tanh_(hidden)
     # One contiguous (T, E) block per mix: the products see the same array layout for any T.
-    hidden_j = ws.get("lora_hj", (n_mix, T, E))
-    np.copyto(hidden_j, hidden.reshape(T, n_mix, E).transpose(1, 0, 2))
-    delta = ws.get("delta", (n_mix, T, D))
+    np.copyto(ws.lora_hj, hidden.reshape(T, n_mix, E).transpose(1, 0, 2))
     for j in range(n_mix):
-        matmul(att.maa_w2[j], hidden_j[j], delta[j])
-    xm = ws.get("xm", (n_mix, T, D))
-    mix_dynamic(xn, dx, att.maa, delta, xm)
-    xw, xk, xv, xr, xg = xm
-    dh = matmul(att.decay_w1, xw, ws.get("decay_h", (T, att.decay_w1.shape[0])))
+        matmul(att.maa_w2[j], ws.lora_hj[j], ws.delta[j])
+    mix_dynamic(xn, dx, att.maa, ws.delta, ws.xm)
+    xw, xk, xv, xr, xg = ws.xm
+    dh = matmul(att.decay_w1, xw, ws.decay_h)
     tanh_(dh)
-    w = matmul(att.decay_w2, dh, ws.get("w", (T, D)))
+    w = matmul(att.decay_w2, dh, ws.w)
     decay_v6_(w, att.time_decay)
-    r = matmul(att.receptance, xr, ws.get("r", (T, D)))
-    k = matmul(att.key, xk, ws.get("k", (T, D)))
-    v = matmul(att.value, xv, ws.get("v", (T, D)))
-    g = matmul(att.gate, xg, ws.get("g", (T, D)))
+    r = matmul(att.receptance, xr, ws.r)
+    k = matmul(att.key, xk, ws.k)
+    v = matmul(att.value, xv, ws.v)
+    g = matmul(att.gate, xg, ws.g)
     silu_(g)
-    heads_output(att, config, r, k, v, w, g, state.wkv[i], ws, x)
+    heads_output(att, i, config, r, k, v, w, g, seqs, ws, x)

@@ -23,7 +23,7 @@ from ..kernels.norms import group_norm
 from ..kernels.ops import add_, mix, mul_, relu_square_, sigmoid_, sigmoid_bias_, tanh_, token_shift
 from ..kernels.wkv import bonus_v7_, decay_v7_, keys_v7, value_residual_v7_, wkv7
 from ..matrix import matmul
-from .common import Norm, Scratch, Tensors
+from .common import Norm, Sequences, Tensors
 
 _MIXES = ("r", "w", "k", "v", "a", "g")
 
@@ -57,6 +57,35 @@ class ChannelMix(NamedTuple):
     value: object           # (D, F) matrix
 
 
+class TimeMixWork(NamedTuple):
+    """v7's time-mix work buffers for T tokens (each field's default is its shape)."""
+    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
+    xm: np.ndarray = (6, "T", "D")      # token-shift mixes of r, w, k, v, a, g
+    r: np.ndarray = ("T", "D")          # receptance
+    k: np.ndarray = ("T", "D")          # key, rescaled in place by keys_v7
+    v: np.ndarray = ("T", "D")          # value, after the value residual
+    w_h: np.ndarray = ("T", "Dw")       # tanh(W1 x_w)
+    w: np.ndarray = ("T", "D")          # decay
+    a_h: np.ndarray = ("T", "Da")       # A1 x_a
+    a: np.ndarray = ("T", "D")          # in-context learning rate
+    g_h: np.ndarray = ("T", "Dg")       # sigmoid(G1 x_g)
+    g: np.ndarray = ("T", "D")          # output gate
+    v_h: np.ndarray = ("T", "Dv")       # V1 x_v
+    v_z: np.ndarray = ("T", "D")        # V2 V1 x_v, the value residual's gate before v0
+    kk: np.ndarray = ("T", "D")         # normalised key
+    kka: np.ndarray = ("T", "D")        # kk * a
+    y: np.ndarray = ("T", "D")          # wkv7's output, normed, with the bonus, gated
+    o: np.ndarray = ("T", "D")          # the output projection
+
+
+class ChannelMixWork(NamedTuple):
+    """v7's channel-mix work buffers for T tokens (each field's default is its shape)."""
+    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
+    xk: np.ndarray = (1, "T", "D")      # its token-shift mix
+    h: np.ndarray = ("T", "F")          # relu(Wk xk)^2
+    y: np.ndarray = ("T", "D")          # Wv h
+
+
 def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
     first = layer == 0
     return TimeMix(
@@ -76,55 +105,49 @@ def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
     )
 
 
-def time_mix(att: TimeMix, i: int, config, xn, state, ws: Scratch, x) -> None:
-    """x += the time mix of xn (T, D); advances layer i's att_x and wkv.
+def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork, x, v_first) -> None:
+    """x += the time mix of xn (T, D); advances layer i's att_x and wkv of each sequence.
 
-    Layer 0 leaves its value in the work buffer "v_first" for the later layers
-    of the same call.
+    v_first: (T, D) f32, the value of layer 0, which writes it for the later layers
+    of the same block (the reference's v_first).
     """
-    T, D = xn.shape
     H = config.n_head
-    dx = ws.get("dx", (T, D))
-    token_shift(xn, state.att_x[i], dx)
-    xm = ws.get("xm", (len(_MIXES), T, D))
-    mix(xn, dx, att.maa, xm)
-    xr, xw, xk, xv, xa, xg = xm
+    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), ws.dx)
+    mix(xn, ws.dx, att.maa, ws.xm)
+    xr, xw, xk, xv, xa, xg = ws.xm
 
-    r = matmul(att.receptance, xr, ws.get("r", (T, D)))
-    k = matmul(att.key, xk, ws.get("k", (T, D)))
-    v = matmul(att.value, xv, ws.get("v", (T, D)))
+    r = matmul(att.receptance, xr, ws.r)
+    k = matmul(att.key, xk, ws.k)
+    v = matmul(att.value, xv, ws.v)
 
-    h = matmul(att.w1, xw, ws.get("w_h", (T, att.w1.shape[0])))
+    h = matmul(att.w1, xw, ws.w_h)
     tanh_(h)
-    w = matmul(att.w2, h, ws.get("w", (T, D)))
+    w = matmul(att.w2, h, ws.w)
     decay_v7_(w, att.w0)
 
-    h = matmul(att.a1, xa, ws.get("a_h", (T, att.a1.shape[0])))
-    a = matmul(att.a2, h, ws.get("a", (T, D)))
+    h = matmul(att.a1, xa, ws.a_h)
+    a = matmul(att.a2, h, ws.a)
     sigmoid_bias_(a, att.a0)
 
-    h = matmul(att.g1, xg, ws.get("g_h", (T, att.g1.shape[0])))
+    h = matmul(att.g1, xg, ws.g_h)
     sigmoid_(h)
-    g = matmul(att.g2, h, ws.get("g", (T, D)))
+    g = matmul(att.g2, h, ws.g)
 
-    v_first = ws.get("v_first", (T, D))
     if att.v0 is None:
         np.copyto(v_first, v)
     else:
-        h = matmul(att.v1, xv, ws.get("v_h", (T, att.v1.shape[0])))
-        z = matmul(att.v2, h, ws.get("v_z", (T, D)))
+        h = matmul(att.v1, xv, ws.v_h)
+        z = matmul(att.v2, h, ws.v_z)
         value_residual_v7_(v, v_first, z, att.v0)
 
-    kk = ws.get("kk", (T, D))
-    kka = ws.get("kka", (T, D))
-    keys_v7(k, a, att.k_k, att.k_a, H, kk, kka)
+    keys_v7(k, a, att.k_k, att.k_a, H, ws.kk, ws.kka)
 
-    y = ws.get("y", (T, D))
-    wkv7(r, w, k, v, kk, kka, state.wkv[i], y)
+    y = ws.y
+    wkv7(r, w, k, v, ws.kk, ws.kka, seqs.states, seqs.segs, seqs.at("wkv", i), H, y)
     group_norm(y, H, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
     bonus_v7_(y, r, k, v, att.r_k, H)
     mul_(y, g)
-    add_(x, matmul(att.output, y, ws.get("o", (T, D))))
+    add_(x, matmul(att.output, y, ws.o))
 
 
 def load_channel_mix(t: Tensors, p: str) -> ChannelMix:
@@ -132,13 +155,10 @@ def load_channel_mix(t: Tensors, p: str) -> ChannelMix:
                       value=t.matrix(p + "value.weight"))
 
 
-def channel_mix(ffn: ChannelMix, xn, prev, ws: Scratch, x) -> None:
-    """x += Wv relu(Wk xk)^2, xk token-shifted from xn; prev <- last row of xn."""
-    T, D = xn.shape
-    dx = ws.get("dx", (T, D))
-    token_shift(xn, prev, dx)
-    xk = ws.get("xm", (1, T, D))
-    mix(xn, dx, ffn.maa, xk)
-    h = matmul(ffn.key, xk[0], ws.get("ffn_h", (T, ffn.key.shape[0])))
+def channel_mix(ffn: ChannelMix, i: int, config, xn, seqs: Sequences, ws: ChannelMixWork, x) -> None:
+    """x += Wv relu(Wk xk)^2, xk token-shifted from xn; layer i's ffn_x advanced."""
+    token_shift(xn, seqs.states, seqs.segs, seqs.at("ffn_x", i), ws.dx)
+    mix(xn, ws.dx, ffn.maa, ws.xk)
+    h = matmul(ffn.key, ws.xk[0], ws.h)
     relu_square_(h)
-    add_(x, matmul(ffn.value, h, ws.get("ffn_y", (T, D))))
+    add_(x, matmul(ffn.value, h, ws.y))

@@ -1,7 +1,9 @@
 """Elementwise kernels: token shift, mixing, activations, residual updates.
 
-Every kernel works on a block of T rows (T = 1 on the one-token path), writes
-into arrays passed in and never allocates. They are serial: for vectors of a
+Every kernel works on a block of T rows (T = 1 when one sequence decodes; a
+prompt chunk, or the tokens of several sequences, otherwise), writes into
+arrays passed in and never allocates. Only token_shift sees where one
+sequence ends and the next begins. They are serial: for vectors of a
 few thousand floats a parallel launch costs more than the work.
 """
 
@@ -15,19 +17,24 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def token_shift(x, prev, dx):
-    """dx[t] = x[t-1] - x[t], where x[-1] is `prev`; then prev <- x[T-1].
+def token_shift(x, states, segs, off, dx):
+    """dx[t] = x[t-1] - x[t] within each sequence of the block; a sequence's first row takes
+    x[t-1] from its state (D floats at `off` of its row), which then keeps its last row.
 
-    x: (T, D) f32, prev: (D,) f32 (updated in place), dx: (T, D) f32
+    x: (T, D) f32, states: (C, F) f32 (updated), segs: (B, 3) i64 (state row, first row,
+    end row of each sequence; see kernels/wkv.py), off: int, dx: (T, D) f32
     """
-    T, D = x.shape
-    for j in range(D):
-        dx[0, j] = prev[j] - x[0, j]
-    for t in range(1, T):
+    D = x.shape[1]
+    for b in range(segs.shape[0]):
+        prev = states[segs[b, 0], off:off + D]
+        t0, t1 = segs[b, 1], segs[b, 2]
         for j in range(D):
-            dx[t, j] = x[t - 1, j] - x[t, j]
-    for j in range(D):
-        prev[j] = x[T - 1, j]
+            dx[t0, j] = prev[j] - x[t0, j]
+        for t in range(t0 + 1, t1):
+            for j in range(D):
+                dx[t, j] = x[t - 1, j] - x[t, j]
+        for j in range(D):
+            prev[j] = x[t1 - 1, j]
 
 
 @njit(fastmath=FASTMATH, cache=True)

@@ -1,9 +1,18 @@
 """The time-mix recurrences ("WKV") of each generation, and the per-token
 inputs only they need (decays, normalised keys, v7's value residual).
 
-Each recurrence runs T tokens serially through the state, which it updates in
-place, and writes one output row per token. The matrix products around them
-are done beforehand for all T tokens at once.
+A block of T tokens may hold several sequences (a batch): `segs` says which
+rows are whose, and where each one's state lives.
+
+    segs: (B, 3) i64     sequence b's tokens are rows segs[b, 1] .. segs[b, 2] - 1 of the
+                         block, in order; its state is row segs[b, 0] of `states`
+    states: (C, F) f32   one flat state per row (a StatePool's array, or one State's as (1, F))
+    off: int             where this layer's section starts within a state row (rwkvcpu.state)
+
+Each recurrence runs a sequence's tokens serially through its own state,
+which it updates in place (no copy in or out), and writes one output row per
+token; sequences (and v5-v7's heads) are independent. The matrix products
+around them are done beforehand for all T tokens at once.
 
 State layouts (see rwkvcpu/state.py): v4 keeps three per-channel vectors
 (aa, bb, pp); v5/v6 keep s[head, key, value]; v7 keeps s[head, value, key].
@@ -17,7 +26,7 @@ from .ops import FASTMATH
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def wkv4(k, v, log_decay, bonus, aa, bb, pp, out):
+def wkv4(k, v, log_decay, bonus, states, segs, aa_off, bb_off, pp_off, out):
     """RWKV-4 recurrence, with the max-trick that keeps exp() from overflowing.
 
     The state is a numerator aa, a denominator bb, and a running exponent pp
@@ -28,53 +37,58 @@ def wkv4(k, v, log_decay, bonus, aa, bb, pp, out):
 
     with w = log_decay (= -exp(time_decay)) and u = bonus (time_first).
 
-    k, v: (T, D) f32, log_decay, bonus: (D,) f32, aa, bb, pp: (D,) f32 (updated), out: (T, D) f32
+    k, v: (T, D) f32, log_decay, bonus: (D,) f32, states: (C, F) f32 (aa, bb, pp: (D,) at
+    aa_off, bb_off, pp_off of each sequence's row, updated), segs: (B, 3) i64, out: (T, D) f32
     """
-    T, D = k.shape
-    for c in range(D):
-        a = aa[c]
-        b = bb[c]
-        p = pp[c]
-        w = log_decay[c]
-        u = bonus[c]
-        for t in range(T):
-            kt = k[t, c]
-            vt = v[t, c]
-            ww = u + kt
-            q = max(p, ww)
-            e1 = np.exp(p - q)
-            e2 = np.exp(ww - q)
-            out[t, c] = (e1 * a + e2 * vt) / (e1 * b + e2)
-            ww = p + w
-            q = max(ww, kt)
-            e1 = np.exp(ww - q)
-            e2 = np.exp(kt - q)
-            a = e1 * a + e2 * vt
-            b = e1 * b + e2
-            p = q
-        aa[c] = a
-        bb[c] = b
-        pp[c] = p
+    D = k.shape[1]
+    for b in range(segs.shape[0]):
+        row, t0, t1 = segs[b, 0], segs[b, 1], segs[b, 2]
+        aa = states[row, aa_off:aa_off + D]
+        bb = states[row, bb_off:bb_off + D]
+        pp = states[row, pp_off:pp_off + D]
+        for c in range(D):
+            a = aa[c]
+            bv = bb[c]
+            p = pp[c]
+            w = log_decay[c]
+            u = bonus[c]
+            for t in range(t0, t1):
+                kt = k[t, c]
+                vt = v[t, c]
+                ww = u + kt
+                q = max(p, ww)
+                e1 = np.exp(p - q)
+                e2 = np.exp(ww - q)
+                out[t, c] = (e1 * a + e2 * vt) / (e1 * bv + e2)
+                ww = p + w
+                q = max(ww, kt)
+                e1 = np.exp(ww - q)
+                e2 = np.exp(kt - q)
+                a = e1 * a + e2 * vt
+                bv = e1 * bv + e2
+                p = q
+            aa[c] = a
+            bb[c] = bv
+            pp[c] = p
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def wkv5_head(h, r, k, v, decay, bonus, s, out):
-    """RWKV-5/6 recurrence of head h (i: key channel, j: value channel):
+def wkv5_head(h, t0, t1, r, k, v, decay, bonus, s, out):
+    """RWKV-5/6 recurrence of head h over tokens t0 .. t1 - 1 (i: key channel, j: value channel):
 
         out[t, j] = sum_i r[t, i] * (bonus[i] * k[t, i] * v[t, j] + s[i, j])
         s[i, j]   = decay[t, i] * s[i, j] + k[t, i] * v[t, j]
 
     v5 has one decay row for every token (decay: (1, D)); v6's is data-dependent (decay: (T, D)).
 
-    h: int, r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, bonus: (D,) f32,
+    h, t0, t1: int, r, k, v: (T, D) f32, decay: (T, D) or (1, D) f32, bonus: (D,) f32,
     s: (H, S, S) f32 [head, key, value] (head h updated), out: (T, D) f32 (head h's columns written)
     """
-    T = r.shape[0]
     S = s.shape[1]
     per_token = decay.shape[0] > 1
     base = h * S
     u = bonus[base:base + S]
-    for t in range(T):
+    for t in range(t0, t1):
         # 1-D views of this head's rows: LLVM vectorises the j loops over them.
         w = decay[t if per_token else 0, base:base + S]
         rt = r[t, base:base + S]
@@ -95,21 +109,21 @@ def wkv5_head(h, r, k, v, decay, bonus, s, out):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def wkv7_head(h, r, w, k, v, kk, kka, s, out):
-    """RWKV-7 recurrence (the generalised delta rule) of head h (i: value channel, j: key channel):
+def wkv7_head(h, t0, t1, r, w, k, v, kk, kka, s, out):
+    """RWKV-7 recurrence (the generalised delta rule) of head h over tokens t0 .. t1 - 1
+    (i: value channel, j: key channel):
 
         s[i, j] = s[i, j] * w[t, j] - (sum_l s[i, l] kk[t, l]) * kka[t, j] + v[t, i] * k[t, j]
         out[t, i] = sum_j s[i, j] * r[t, j]
 
     with kk the L2-normalised key and kka = kk * a (the in-context learning rate).
 
-    h: int, r, w, k, v, kk, kka: (T, D) f32, s: (H, S, S) f32 [head, value, key] (head h updated),
-    out: (T, D) f32 (head h's columns written)
+    h, t0, t1: int, r, w, k, v, kk, kka: (T, D) f32, s: (H, S, S) f32 [head, value, key]
+    (head h updated), out: (T, D) f32 (head h's columns written)
     """
-    T = r.shape[0]
     S = s.shape[1]
     base = h * S
-    for t in range(T):
+    for t in range(t0, t1):
         # 1-D views of this head's rows: LLVM vectorises the j loops over them.
         rt = r[t, base:base + S]
         wt = w[t, base:base + S]
@@ -130,21 +144,31 @@ def wkv7_head(h, r, w, k, v, kk, kka, s, out):
             out[t, base + i] = acc
 
 
-def _wkv5(r, k, v, decay, bonus, s, out):
-    """wkv5_head for every head (heads in parallel in the parallel variant)."""
-    for h in prange(s.shape[0]):
-        wkv5_head(h, r, k, v, decay, bonus, s, out)
+def _wkv5(r, k, v, decay, bonus, states, segs, off, n_head, out):
+    """wkv5_head for every (sequence, head) pair (in parallel in the parallel variant).
+    states: (C, F) f32, each sequence's (H, S, S) matrices at `off` of its row; segs: (B, 3) i64"""
+    S = r.shape[1] // n_head
+    for p in prange(segs.shape[0] * n_head):
+        b, h = p // n_head, p % n_head
+        s = states[segs[b, 0], off:off + n_head * S * S].reshape((n_head, S, S))
+        wkv5_head(h, segs[b, 1], segs[b, 2], r, k, v, decay, bonus, s, out)
 
 
-def _wkv7(r, w, k, v, kk, kka, s, out):
-    """wkv7_head for every head (heads in parallel in the parallel variant)."""
-    for h in prange(s.shape[0]):
-        wkv7_head(h, r, w, k, v, kk, kka, s, out)
+def _wkv7(r, w, k, v, kk, kka, states, segs, off, n_head, out):
+    """wkv7_head for every (sequence, head) pair (in parallel in the parallel variant).
+    states: (C, F) f32, each sequence's (H, S, S) matrices at `off` of its row; segs: (B, 3) i64"""
+    S = r.shape[1] // n_head
+    for p in prange(segs.shape[0] * n_head):
+        b, h = p // n_head, p % n_head
+        s = states[segs[b, 0], off:off + n_head * S * S].reshape((n_head, S, S))
+        wkv7_head(h, segs[b, 1], segs[b, 2], r, w, k, v, kk, kka, s, out)
 
 
-# Each recurrence runs its heads in parallel, or serially for calls too small
-# to be worth waking the thread team (one token of a small model); compile_kernel
-# gives the two variants names of their own, so numba's on-disk cache keeps them apart.
+# Each recurrence runs its (sequence, head) pairs in parallel, or serially for
+# calls too small to be worth waking the thread team (one token of a small
+# model); compile_kernel gives the two variants names of their own, so numba's
+# on-disk cache keeps them apart. Both compute every head the same way: the
+# same bits.
 wkv5_parallel = compile_kernel(_wkv5, parallel=True, fastmath=FASTMATH)
 wkv5_serial = compile_kernel(_wkv5, parallel=False, fastmath=FASTMATH)
 wkv7_parallel = compile_kernel(_wkv7, parallel=True, fastmath=FASTMATH)
@@ -155,16 +179,16 @@ wkv7_serial = compile_kernel(_wkv7, parallel=False, fastmath=FASTMATH)
 PARALLEL_MIN_WORK = 1 << 18
 
 
-def wkv5(r, k, v, decay, bonus, s, out):
-    """RWKV-5/6 recurrence over all heads (see wkv5_head), serial or parallel by the amount of work."""
-    small = r.shape[0] * s.size < PARALLEL_MIN_WORK
-    (wkv5_serial if small else wkv5_parallel)(r, k, v, decay, bonus, s, out)
+def wkv5(r, k, v, decay, bonus, states, segs, off, n_head, out):
+    """RWKV-5/6 recurrence of every sequence and head (see wkv5_head), serial or parallel by the amount of work."""
+    small = r.shape[0] * r.shape[1] * (r.shape[1] // n_head) < PARALLEL_MIN_WORK
+    (wkv5_serial if small else wkv5_parallel)(r, k, v, decay, bonus, states, segs, off, n_head, out)
 
 
-def wkv7(r, w, k, v, kk, kka, s, out):
-    """RWKV-7 recurrence over all heads (see wkv7_head), serial or parallel by the amount of work."""
-    small = r.shape[0] * s.size < PARALLEL_MIN_WORK
-    (wkv7_serial if small else wkv7_parallel)(r, w, k, v, kk, kka, s, out)
+def wkv7(r, w, k, v, kk, kka, states, segs, off, n_head, out):
+    """RWKV-7 recurrence of every sequence and head (see wkv7_head), serial or parallel by the amount of work."""
+    small = r.shape[0] * r.shape[1] * (r.shape[1] // n_head) < PARALLEL_MIN_WORK
+    (wkv7_serial if small else wkv7_parallel)(r, w, k, v, kk, kka, states, segs, off, n_head, out)
 
 
 @njit(fastmath=FASTMATH, cache=True)
