@@ -48,7 +48,8 @@ def test_all_logits(v7):
     rows, _ = v7.forward([5, 6, 7, 8], all_logits=True)
     assert rows.shape == (4, 256) and rows.dtype == np.float32
     last, _ = v7.forward([5, 6, 7, 8])
-    assert np.abs(rows[-1] - last).max() <= 1e-5
+    # The same block either way; only the head's rows differ, each computed alone by our kernels.
+    np.testing.assert_array_equal(rows[-1], last)
 
 
 def test_state_size_is_constant(v7):
