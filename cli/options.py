@@ -7,8 +7,10 @@ rwkvcpu.cli.main) rather than click's several-line usage error.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import os
+import re
 import sys
 
 from typing import NamedTuple
@@ -162,8 +164,8 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presen
                  "frequency_penalty", "penalty_decay", "repetition_penalty", "logit_bias", "banned",
                  "stop", "stop_token", "ignore_eos", "seed")
 
-# The words rwkvcpu.sampling's messages use -> the flags that set those values
-# (make_params' and check_vocab's `names`): the rules stay there, the words are ours.
+# The words rwkvcpu.sampling's messages use for a value (the InvalidArgumentError's
+# `field`) -> the flags that set it: the rules stay there, the words are ours.
 FLAG_NAMES = {
     "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
     "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
@@ -175,6 +177,22 @@ FLAG_NAMES = {
     "stop": "--stop", "stop strings": "--stop values",
     "stop_tokens": "--stop-token", "stop token id": "--stop-token id",
 }
+
+
+@contextlib.contextmanager
+def in_flag_words():
+    """Sampling errors raised in the block name the flag instead of the keyword: "--top-p must be
+    > 0 (--top-p is in (0, 1]; ...), got 0" for the API's "top_p must be > 0 (top_p is ...), got 0"."""
+    try:
+        yield
+    except InvalidArgumentError as e:
+        bias = re.fullmatch(r"logit_bias\[(.*)\]", e.field or "")
+        flag = f"--logit-bias {bias[1]}=BIAS" if bias else FLAG_NAMES.get(e.field)
+        if flag is None:
+            raise
+        # The value comes last, after ", got ": only the words before it are the value's name.
+        head, got, value = str(e).rpartition(", got ") if ", got " in str(e) else (str(e), "", "")
+        raise InvalidArgumentError(head.replace(e.field, flag) + got + value, flag) from None
 
 
 class Sampling(NamedTuple):
@@ -193,9 +211,9 @@ class Sampling(NamedTuple):
         from rwkvcpu.generate import model_tokenizer
         eos = model_tokenizer(model).eos_token_id
         base = [] if self.ignore_eos or eos is None else [eos]
-        params = make_params(self.params, names=FLAG_NAMES,
-                             stop_tokens=base + [t for t in self.stop_ids if t not in base])
-        params.check_vocab(model.config.vocab_size, names=FLAG_NAMES)
+        with in_flag_words():
+            params = make_params(self.params, stop_tokens=base + [t for t in self.stop_ids if t not in base])
+            params.check_vocab(model.config.vocab_size)
         return params
 
 
@@ -209,17 +227,18 @@ def pop_sampling(kwargs: dict, defaults: SamplingParams) -> Sampling:
     bias = {}
     for token, value in o["logit_bias"]:
         bias[token] = bias.get(token, 0.0) + value
-    params = make_params(
-        defaults, names=FLAG_NAMES,
-        max_tokens=o["max_tokens"] or None,
-        temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
-        presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"],
-        penalty_decay=o["penalty_decay"], repetition_penalty=o["repetition_penalty"],
-        logit_bias=bias, banned_tokens=list(o["banned"]),
-        stop=[unescape(s) for s in o["stop"]],
-        stop_tokens=list(o["stop_token"]),
-        seed=o["seed"],
-    )
+    with in_flag_words():
+        params = make_params(
+            defaults,
+            max_tokens=o["max_tokens"] or None,
+            temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
+            presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"],
+            penalty_decay=o["penalty_decay"], repetition_penalty=o["repetition_penalty"],
+            logit_bias=bias, banned_tokens=list(o["banned"]),
+            stop=[unescape(s) for s in o["stop"]],
+            stop_tokens=list(o["stop_token"]),
+            seed=o["seed"],
+        )
     return Sampling(params, tuple(o["stop_token"]), o["ignore_eos"])
 
 

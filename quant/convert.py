@@ -25,9 +25,9 @@ import numpy as np
 
 from rwkvcpu.checks import check_finite
 from rwkvcpu.config import FORMAT_NAME, FORMAT_VERSION, ModelConfig
-from rwkvcpu.errors import ConversionError, ModelFormatError
-
 from rwkvcpu import formats
+from rwkvcpu.errors import ConversionError, ModelFormatError
+from rwkvcpu.tokenizers import BUILT_IN, TOKENIZER_BY_VOCAB, load_tokenizer, tokenizer_metadata, vocab_mismatch
 
 from . import canonical
 from .detect import detect
@@ -35,16 +35,12 @@ from .lora import MergedSource, open_adapters
 from .readers import open_source
 from .readers.statetune import WithState, check_state, is_state_file
 
-TOKENIZER_NAMES = ("world", "neox-20b", "bytes")
-# Default tokenizer by vocabulary size. 50304 is the NeoX vocabulary padded to
-# a multiple of 64, as in RWKV-7 Pile models.
-TOKENIZER_BY_VOCAB = {65536: "world", 50277: "neox-20b", 50304: "neox-20b", 256: "bytes"}
 PROGRESS_MIN_BYTES = 100 * 1000 * 1000
 
 QUANT_SCHEME_TAIL = "; vectors, low-rank matrices and states float32"
 
 
-def resolve_tokenizer(tokenizer, vocab_size: int, path="the model") -> tuple:
+def resolve_tokenizer(tokenizer, vocab_size: int, path="the model", optional: bool = False) -> tuple:
     """(name, tokenizer.json text or None) to record in the metadata.
 
     The tokenizer is loaded and checked against the vocabulary by the rule the
@@ -56,19 +52,19 @@ def resolve_tokenizer(tokenizer, vocab_size: int, path="the model") -> tuple:
             a Hugging Face tokenizer.json to embed.
         vocab_size: the model's vocabulary size.
         path: the source, for messages.
+        optional: a vocabulary no built-in tokenizer fits, with none given, records "none"
+            (a model for token ids only, as rwkvcpu.load makes) instead of raising.
     """
-    from rwkvcpu.tokenizers import load_tokenizer, vocab_mismatch
-
     if tokenizer is None:
         if vocab_size not in TOKENIZER_BY_VOCAB:
+            if optional:
+                return "none", None
             raise ConversionError(
                 f"{path}: a vocabulary of {vocab_size} tokens matches no built-in tokenizer; pass --tokenizer "
-                f"{'|'.join(TOKENIZER_NAMES)} or the path of a tokenizer.json (of at most {vocab_size} tokens)")
-        name, text = TOKENIZER_BY_VOCAB[vocab_size], None
-    elif str(tokenizer) in TOKENIZER_NAMES:
-        name, text = str(tokenizer), None
-    else:
-        name, text = "embedded", _read_tokenizer_json(Path(tokenizer))
+                f"{'|'.join(BUILT_IN)} or the path of a tokenizer.json (of at most {vocab_size} tokens)")
+        tokenizer = TOKENIZER_BY_VOCAB[vocab_size]
+    chosen = tokenizer_metadata(tokenizer, ConversionError)
+    name, text = chosen["tokenizer"], chosen.get("tokenizer_json")
     loaded = load_tokenizer({"tokenizer": name, **({"tokenizer_json": text} if text else {})})
     what = f"the tokenizer in {tokenizer}" if text else f"the {name} tokenizer"
     problem = vocab_mismatch(loaded, vocab_size, what)
@@ -78,20 +74,6 @@ def resolve_tokenizer(tokenizer, vocab_size: int, path="the model") -> tuple:
                 f"pass a tokenizer of at most {vocab_size} tokens")
         raise ConversionError(f"{path}: {problem}; {hint}")
     return name, text
-
-
-def _read_tokenizer_json(path: Path) -> str:
-    if not path.is_file():
-        raise ConversionError(
-            f"tokenizer {str(path)!r} is neither {', '.join(TOKENIZER_NAMES)} nor an existing tokenizer.json file")
-    try:
-        text = path.read_text(encoding="utf-8")
-        json.loads(text)
-        from tokenizers import Tokenizer
-        Tokenizer.from_str(text)
-    except Exception as e:  # noqa: BLE001 - any parse failure means the same to the user
-        raise ConversionError(f"{path}: not a usable Hugging Face tokenizer.json ({str(e)[:120]})") from None
-    return text
 
 
 def sha256_of(paths) -> str:
@@ -194,7 +176,7 @@ class _Job(NamedTuple):
 
 
 def _prepare(src, *, dtype, group_norm_eps, tokenizer, state, eos_token_id, lora=(), lora_alpha=(),
-             pissa_init=()) -> _Job:
+             pissa_init=(), tokenizer_optional=False) -> _Job:
     formats.get_format(dtype)
     source, config = open_model(src, group_norm_eps=group_norm_eps, state=state, lora=lora,
                                 lora_alpha=lora_alpha, pissa_init=pissa_init)
@@ -202,7 +184,7 @@ def _prepare(src, *, dtype, group_norm_eps, tokenizer, state, eos_token_id, lora
         if tokenizer is None:
             # A GGUF file names its vocabulary; other sources leave it to the vocabulary size.
             tokenizer = source.tokenizer_name()
-        tok_name, tok_json = resolve_tokenizer(tokenizer, config.vocab_size, source.path)
+        tok_name, tok_json = resolve_tokenizer(tokenizer, config.vocab_size, source.path, tokenizer_optional)
         eos = check_eos_token_id(eos_token_id, config.vocab_size)
         config = config.replace(tokenizer=tok_name)
         planned = canonical.plan(source, config, dtype)
@@ -230,7 +212,7 @@ def _stream(job: _Job, progress):
 
 
 def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, progress=None, state=None,
-                    eos_token_id=None, lora=(), lora_alpha=(), pissa_init=()):
+                    eos_token_id=None, lora=(), lora_alpha=(), pissa_init=(), tokenizer_optional=False):
     """Read a checkpoint into memory exactly as `convert` would write it.
 
     Args:
@@ -243,6 +225,9 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
         state: optional state-tuning file to merge as att.time_state.
         eos_token_id: end-of-text token to record (-1: none; None: the tokenizer's own).
         lora, lora_alpha, pissa_init: RWKV-PEFT adapters to merge (see convert).
+        tokenizer_optional: with no tokenizer given and a vocabulary no built-in
+            tokenizer fits, record tokenizer "none" (a model for token ids only,
+            as rwkvcpu.load makes it) instead of raising.
 
     Returns:
         (metadata: dict[str, str], tensors: dict[str, np.ndarray]) with the
@@ -254,7 +239,8 @@ def read_checkpoint(path, *, dtype="int8", group_norm_eps=None, tokenizer=None, 
         ('v4', (128,))
     """
     job = _prepare(path, dtype=dtype, group_norm_eps=group_norm_eps, tokenizer=tokenizer, state=state,
-                   eos_token_id=eos_token_id, lora=lora, lora_alpha=lora_alpha, pissa_init=pissa_init)
+                   eos_token_id=eos_token_id, lora=lora, lora_alpha=lora_alpha, pissa_init=pissa_init,
+                   tokenizer_optional=tokenizer_optional)
     try:
         tensors = {}
         for parts in _stream(job, progress):
@@ -287,7 +273,7 @@ def _inputs(src, state, tokenizer, adapters=()) -> list:
     if state is not None:
         out += [("the state-tuning file (--state)" if role == "the file" else
                  f"{role} of the state-tuning folder {state} (--state)", f) for role, f in input_files(state)]
-    if tokenizer is not None and str(tokenizer) not in TOKENIZER_NAMES:
+    if tokenizer is not None and str(tokenizer) not in BUILT_IN:
         out.append(("the tokenizer.json given with --tokenizer", Path(tokenizer)))
     for flag, path in adapters:
         out += [(f"an adapter given with {flag}" if role == "the file" else f"{role} of the adapter folder {path}", f)

@@ -44,6 +44,12 @@ class StateMismatchError(RwkvCpuError, ValueError):
 class InvalidArgumentError(RwkvCpuError, ValueError):
     """A sampling option, prompt or token id given by the caller is out of range."""
 
+    def __init__(self, message: str, field: str = None):
+        super().__init__(message)
+        # The words naming the bad value in the message ("top_p", "banned token id", ...), or
+        # None: a front end with names of its own (the CLI's flags) rewords the message by them.
+        self.field = field
+
 
 class ExtraNotInstalledError(RwkvCpuError, ImportError):
     """An optional capability is used without its extra installed; the message says what to pip install."""

@@ -426,6 +426,18 @@ def _requantize(tensors: dict, dtype: str) -> dict:
     return out
 
 
+def _with_tokenizer(meta: dict, tokenizer, vocab_size: int) -> dict:
+    """A file's metadata naming another tokenizer (load's tokenizer=), checked against the vocabulary."""
+    from .tokenizers import load_tokenizer, tokenizer_metadata, vocab_mismatch
+    named = tokenizer_metadata(tokenizer)
+    problem = vocab_mismatch(load_tokenizer(named), vocab_size, f"the tokenizer {tokenizer}")
+    if problem:
+        raise InvalidArgumentError(f"{problem}; pass a tokenizer of at most {vocab_size} tokens")
+    # The file's end-of-text id belongs to the file's tokenizer: the new one brings its own.
+    kept = {k: v for k, v in meta.items() if k not in ("tokenizer", "tokenizer_json", "eos_token_id")}
+    return {**kept, **named}
+
+
 def _model_file_in(folder: str) -> str:
     """The rwkvcpu file a folder holds, when its only *.safetensors is one; else the folder itself
     (a Hugging Face checkpoint to convert, or not a model: the converter's reader says which)."""
@@ -436,7 +448,7 @@ def _model_file_in(folder: str) -> str:
 
 
 def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
-         group_norm_eps: Optional[float] = None) -> Model:
+         group_norm_eps: Optional[float] = None, tokenizer=None) -> Model:
     """Load a model.
 
     An rwkvcpu safetensors file (written by `rwkvcpu convert`) is memory-mapped:
@@ -456,6 +468,12 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
             (see rwkvcpu.threads.configure, applied for whichever thread calls forward()).
         group_norm_eps: override the epsilon of the per-head group norm (v5+)
             recorded in the file, e.g. 64e-5 to match the reference `rwkv` package.
+        tokenizer: "world", "neox-20b", "bytes", or the path of a Hugging Face
+            tokenizer.json (as `rwkvcpu convert --tokenizer`), instead of the one the
+            file names. None: the file's own; for other checkpoints the one their
+            vocabulary size implies, or none at all when no built-in tokenizer fits:
+            such a model runs token ids (`forward`, `step`), and `generate`/`chat`
+            say that a tokenizer is needed.
 
     Returns:
         a Model.
@@ -463,12 +481,15 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
     Raises:
         ModelFormatError (a ValueError): unreadable, foreign or misshapen file, or one
             holding NaN or infinite weights; the message names the file, tensor and shape.
-        InvalidArgumentError: a bad dtype, threads or group_norm_eps.
+        InvalidArgumentError: a bad dtype, threads or group_norm_eps; a tokenizer that is
+            neither built in nor a usable tokenizer.json, or with more tokens than the model
+            has logits.
 
     Example:
         >>> model = load("rwkv7-0.1b-int8.safetensors", threads=2)
         >>> model.info["generation"]
         'v7'
+        >>> model = load("RWKV-x070-custom.pth", tokenizer="my-tokenizer.json")   # converted in memory
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -485,11 +506,16 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
         meta, arrays = io.open_safetensors(path)
         config = io.check_metadata(meta, path)
     else:
+        # The one place the engine calls the converter: a checkpoint that is not ours.
         from .quant.convert import read_checkpoint
-        meta, arrays = read_checkpoint(path, dtype=dtype or DEFAULT_DTYPE, group_norm_eps=group_norm_eps)
+        meta, arrays = read_checkpoint(path, dtype=dtype or DEFAULT_DTYPE, group_norm_eps=group_norm_eps,
+                                       tokenizer=tokenizer, tokenizer_optional=True)
         meta = {k: str(v) for k, v in meta.items()}
         config = ModelConfig.from_metadata(meta, path)
-        dtype = None
+        dtype = tokenizer = None
+    if tokenizer is not None:
+        meta = _with_tokenizer(meta, tokenizer, config.vocab_size)
+        config = config.replace(tokenizer=meta["tokenizer"])
     if group_norm_eps is not None:
         config = config.replace(group_norm_eps=float(group_norm_eps))
         meta["group_norm_eps"] = repr(float(group_norm_eps))

@@ -36,17 +36,21 @@ import numpy as np
 from .errors import InvalidArgumentError, NonFiniteError
 
 
+# Every message names the bad value by the words `name` (a field, or e.g. "banned token id")
+# and keeps the value itself after a last ", got ": the error's `field` is those words, which
+# a front end may replace by its own (the CLI's flags, cli/options.py).
+
 def _real(name, value, hint="", lo=None, hi=None, lo_open=False, allow_neg_inf=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}", name)
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not (allow_neg_inf and value < 0)):
-        raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
+        raise InvalidArgumentError(f"{name} must be a finite number, got {value}", name)
     if lo is not None and (value < lo or (lo_open and value == lo)):
         bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
-        raise InvalidArgumentError(f"{name} must be {bound}{hint}, got {value:g}")
+        raise InvalidArgumentError(f"{name} must be {bound}{hint}, got {value:g}", name)
     if hi is not None and value > hi:
-        raise InvalidArgumentError(f"{name} must be <= {hi:g}{hint}, got {value:g}")
+        raise InvalidArgumentError(f"{name} must be <= {hi:g}{hint}, got {value:g}", name)
     return value
 
 
@@ -54,26 +58,26 @@ def _int(name, value, hint="", lo=None, optional=False):
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}", name)
     value = int(value)
     if lo is not None and value < lo:
-        raise InvalidArgumentError(f"{name} must be >= {lo}{hint}, got {value}")
+        raise InvalidArgumentError(f"{name} must be >= {lo}{hint}, got {value}", name)
     return value
 
 
 def _seq(name, value, one_string=False):
     if isinstance(value, (str, bytes)) and not one_string:
-        raise InvalidArgumentError(f"{name} must be a list, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a list, got {value!r}", name)
     if isinstance(value, str):
         return (value,)
     try:
         return tuple(value)
     except TypeError:
-        raise InvalidArgumentError(f"{name} must be a list, got {value!r}") from None
+        raise InvalidArgumentError(f"{name} must be a list, got {value!r}", name) from None
 
 
 # The rules of the single-valued options: field -> (check, bounds, range hint).
-# "{name}" in a hint is the option as the caller names it (see make_params' names).
+# "{name}" in a hint is the option's name.
 _RULES = {
     "temperature": (_real, dict(lo=0.0), "0 means greedy"),
     "top_p": (_real, dict(lo=0.0, lo_open=True, hi=1.0), "{name} is in (0, 1]; 1 turns it off"),
@@ -88,39 +92,33 @@ _RULES = {
 }
 
 
-def _checked(values: Mapping, names: Mapping[str, str]) -> dict:
+def _checked(values: Mapping) -> dict:
     """Every field of `values` (one per SamplingParams field) checked and normalised.
 
     Args:
         values: field -> value.
-        names: how the caller's user names the options, for the messages: the
-            words below ("top_p", "banned token id", "logit_bias[{k}]", ...) ->
-            the caller's ("--top-p", "--ban token id", "--logit-bias {k}=BIAS",
-            ...); unlisted words are kept.
 
     Raises:
-        InvalidArgumentError: the first value out of range or of the wrong type.
+        InvalidArgumentError: the first value out of range or of the wrong type; its
+            `field` is the words naming it ("top_p", "banned token id", "logit_bias[7]", ...).
     """
-    say = lambda words: names.get(words, words)  # noqa: E731
     out = {}
     for field, (check, bounds, hint) in _RULES.items():
-        name = say(field)
-        out[field] = check(name, values[field], f" ({hint.format(name=name)})" if hint else "", **bounds)
+        out[field] = check(field, values[field], f" ({hint.format(name=field)})" if hint else "", **bounds)
     bias = values["logit_bias"]
     if not isinstance(bias, Mapping):
-        raise InvalidArgumentError(f"{say('logit_bias')} must map token ids to numbers, got {bias!r}")
-    out["logit_bias"] = {_int(say("logit_bias token id"), k, lo=0):
-                         _real(say("logit_bias[{k}]").format(k=k), v, allow_neg_inf=True) for k, v in bias.items()}
-    out["banned_tokens"] = tuple(_int(say("banned token id"), t, lo=0)
-                                 for t in _seq(say("banned_tokens"), values["banned_tokens"]))
-    stops = _seq(say("stop"), values["stop"], one_string=True)
+        raise InvalidArgumentError(f"logit_bias must map token ids to numbers, got {bias!r}", "logit_bias")
+    out["logit_bias"] = {_int("logit_bias token id", k, lo=0):
+                         _real(f"logit_bias[{k}]", v, allow_neg_inf=True) for k, v in bias.items()}
+    out["banned_tokens"] = tuple(_int("banned token id", t, lo=0)
+                                 for t in _seq("banned_tokens", values["banned_tokens"]))
+    stops = _seq("stop", values["stop"], one_string=True)
     for s in stops:
         if not isinstance(s, str) or not s:
-            raise InvalidArgumentError(f"{say('stop strings')} must be non-empty strings, got {s!r}")
+            raise InvalidArgumentError(f"stop strings must be non-empty strings, got {s!r}", "stop strings")
     out["stop"] = stops
     if values["stop_tokens"] is not None:
-        out["stop_tokens"] = tuple(_int(say("stop token id"), t, lo=0)
-                                   for t in _seq(say("stop_tokens"), values["stop_tokens"]))
+        out["stop_tokens"] = tuple(_int("stop token id", t, lo=0) for t in _seq("stop_tokens", values["stop_tokens"]))
     else:
         out["stop_tokens"] = None
     return out
@@ -179,7 +177,7 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        checked = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
+        checked = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         for name, value in checked.items():
             # A frozen dataclass: fields are set through object.__setattr__.
             object.__setattr__(self, name, value)
@@ -188,20 +186,19 @@ class SamplingParams:
         """A copy with some fields changed (validated again)."""
         return make_params(self, **changes)
 
-    def check_vocab(self, vocab_size: int, names: Optional[Mapping[str, str]] = None) -> None:
+    def check_vocab(self, vocab_size: int) -> None:
         """Raise InvalidArgumentError if a token id named here is outside the model's vocabulary.
 
         Args:
             vocab_size: the model's.
-            names: the caller's words for the options in messages, as for make_params.
         """
-        say = lambda words: (names or {}).get(words, words)  # noqa: E731
         named = [("logit_bias token id", t) for t in self.logit_bias]
         named += [("banned token id", t) for t in self.banned_tokens]
         named += [("stop token id", t) for t in self.stop_tokens or ()]
         for what, t in named:
             if t >= vocab_size:
-                raise InvalidArgumentError(f"{say(what)} {t} is outside the model's vocabulary (0 .. {vocab_size - 1})")
+                raise InvalidArgumentError(
+                    f"{what} {t} is outside the model's vocabulary (0 .. {vocab_size - 1})", what)
         if len(set(self.banned_tokens)) >= vocab_size:
             raise InvalidArgumentError("every token is banned: nothing could be generated")
 
@@ -209,36 +206,28 @@ class SamplingParams:
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def make_params(base: Optional[SamplingParams] = None, *, names: Optional[Mapping[str, str]] = None,
-                **options) -> SamplingParams:
+def make_params(base: Optional[SamplingParams] = None, **options) -> SamplingParams:
     """SamplingParams from keyword options on top of `base` (default: the defaults).
 
     Args:
         base: the values of the options not given.
-        names: how the caller's user knows the options, for the error messages:
-            the words the messages use ("top_p", "banned token id", ...) -> the
-            caller's ("--top-p", "--ban token id", ...); without it, the
-            keyword arguments' names.
         **options: SamplingParams fields.
 
     Raises:
-        InvalidArgumentError: an unknown option name or a bad value.
+        InvalidArgumentError: an unknown option name or a bad value, named by its
+            keyword (the error's `field`).
 
     Example:
         >>> make_params(temperature=0)
         SamplingParams(temperature=0.0, ...)
-        >>> make_params(top_p=0, names={"top_p": "--top-p"})
+        >>> make_params(top_p=0)
         Traceback (most recent call last):
-        rwkvcpu.errors.InvalidArgumentError: --top-p must be > 0 (--top-p is in (0, 1]; 1 turns it off), got 0
+        rwkvcpu.errors.InvalidArgumentError: top_p must be > 0 (top_p is in (0, 1]; 1 turns it off), got 0
     """
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
         raise InvalidArgumentError(
             f"unknown sampling option {unknown[0]!r}; the options are {', '.join(FIELDS)}")
-    if names:
-        # The same rules, checked first in the caller's words.
-        start = base if base is not None else SamplingParams()
-        _checked({f: options.get(f, getattr(start, f)) for f in FIELDS}, names)
     if base is None:
         return SamplingParams(**options)
     return dataclasses.replace(base, **options)

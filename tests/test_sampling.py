@@ -253,3 +253,16 @@ def _draws(seed, n=200, V=300):
 def test_the_seed_reproduces():
     assert _draws(42) == _draws(42)
     assert _draws(42) != _draws(43)
+
+
+@pytest.mark.parametrize("options, field, message", [
+    (dict(top_p=0), "top_p", "top_p must be > 0 (top_p is in (0, 1]; 1 turns it off), got 0"),
+    (dict(banned_tokens=[-3]), "banned token id", "banned token id must be >= 0, got -3"),
+    (dict(logit_bias={5: float("inf")}), "logit_bias[5]", "logit_bias[5] must be a finite number, got inf"),
+    (dict(stop=[""]), "stop strings", "stop strings must be non-empty strings, got ''"),
+])
+def test_errors_name_the_value_by_the_apis_words(options, field, message):
+    """The library speaks its own words; `field` lets a front end (the CLI) reword them."""
+    with pytest.raises(InvalidArgumentError) as e:
+        make_params(**options)
+    assert str(e.value) == message and e.value.field == field

@@ -6,6 +6,7 @@
 | ``neox-20b`` | the 20B GPT-NeoX / Pile tokenizer of RWKV-4 Pile and Raven (``20B_tokenizer.json``, shipped) |
 | ``bytes`` | token id = byte value, for vocabulary-256 models |
 | ``embedded`` | the Hugging Face tokenizer.json held whole in the metadata key ``tokenizer_json`` |
+| ``none`` | no tokenizer: a model loaded without one (token ids only; `load(..., tokenizer=)` gives one) |
 
 An optional metadata key ``eos_token_id`` overrides the end-of-text token the
 tokenizer would choose (World: 0; Hugging Face: the special token named
@@ -26,11 +27,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Mapping
 
-from ..errors import ModelFormatError
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, ModelFormatError
 from .base import ByteStreamDecoder, StreamDecoder, TextStreamDecoder, Tokenizer
 from .byte import ByteTokenizer
 
-TOKENIZER_NAMES = ("world", "neox-20b", "bytes", "embedded")
+# The tokenizers that ship with rwkvcpu, by the names users give them.
+BUILT_IN = ("world", "neox-20b", "bytes")
+TOKENIZER_NAMES = BUILT_IN + ("embedded", "none")
+# The built-in tokenizer a vocabulary size implies. 50304 is the NeoX vocabulary
+# padded to a multiple of 64, as in RWKV-7 Pile models.
+TOKENIZER_BY_VOCAB = {65536: "world", 50277: "neox-20b", 50304: "neox-20b", 256: "bytes"}
 
 
 @lru_cache(maxsize=1)
@@ -48,6 +56,12 @@ def _named(name: str, metadata: Mapping[str, str]) -> Tokenizer:
         return neox_20b()
     if name == "bytes":
         return ByteTokenizer()
+    if name == "none":
+        raise InvalidArgumentError(
+            f"this model has no tokenizer (its vocabulary of {metadata.get('vocab_size', '?')} tokens matches no "
+            f"built-in one), so it takes and gives token ids only; for text, load it with rwkvcpu.load(path, "
+            f"tokenizer=NAME) ({', '.join(BUILT_IN)} or a tokenizer.json path), or convert it with "
+            f"`rwkvcpu convert --tokenizer`")
     if name == "embedded":
         text = metadata.get("tokenizer_json")
         if not text:
@@ -75,6 +89,7 @@ def load_tokenizer(metadata: Mapping[str, str]) -> Tokenizer:
     Raises:
         ModelFormatError: unknown tokenizer name, missing or invalid embedded
             tokenizer.json, or a tokenizer with more tokens than the model has logits.
+        InvalidArgumentError: the model was loaded without a tokenizer ("none").
     """
     vocab_size = metadata.get("vocab_size")
     try:
@@ -116,6 +131,39 @@ def vocab_mismatch(tokenizer: Tokenizer, vocab_size, what: str):
     return None
 
 
+def tokenizer_metadata(tokenizer, error: type = InvalidArgumentError) -> dict:
+    """The metadata keys that name a tokenizer given by a user (`rwkvcpu.load(tokenizer=)`,
+    `rwkvcpu convert --tokenizer`).
+
+    Args:
+        tokenizer: a built-in name (world, neox-20b, bytes) or the path of a Hugging Face
+            tokenizer.json, which is embedded whole.
+        error: the RwkvCpuError subclass to raise.
+
+    Returns:
+        {"tokenizer": name} or {"tokenizer": "embedded", "tokenizer_json": text}.
+
+    Raises:
+        error: neither a built-in name nor a readable, valid tokenizer.json.
+
+    Example:
+        >>> tokenizer_metadata("bytes")
+        {'tokenizer': 'bytes'}
+    """
+    if str(tokenizer) in BUILT_IN:
+        return {"tokenizer": str(tokenizer)}
+    path = Path(tokenizer)
+    if not path.is_file():
+        raise error(f"tokenizer {str(path)!r} is neither {', '.join(BUILT_IN)} nor an existing tokenizer.json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        from tokenizers import Tokenizer as HFTokenizer
+        HFTokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - any read or parse failure means the same to the user
+        raise error(f"{path}: not a usable Hugging Face tokenizer.json ({str(e)[:120]})") from None
+    return {"tokenizer": "embedded", "tokenizer_json": text}
+
+
 def _with_eos(tokenizer: Tokenizer, eos: str) -> Tokenizer:
     import copy
     try:
@@ -132,5 +180,6 @@ def _with_eos(tokenizer: Tokenizer, eos: str) -> Tokenizer:
     return tokenizer
 
 
-__all__ = ["load_tokenizer", "vocab_mismatch", "world_tokenizer", "Tokenizer", "StreamDecoder", "ByteStreamDecoder",
-           "TextStreamDecoder", "ByteTokenizer", "TOKENIZER_NAMES"]
+__all__ = ["load_tokenizer", "vocab_mismatch", "tokenizer_metadata", "world_tokenizer", "Tokenizer", "StreamDecoder",
+           "ByteStreamDecoder", "TextStreamDecoder", "ByteTokenizer", "TOKENIZER_NAMES", "BUILT_IN",
+           "TOKENIZER_BY_VOCAB"]
