@@ -34,16 +34,7 @@ def model():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(generation, dtype) -> (Model, stored tensors, config): small random models of every generation."""
-    from safetensors.numpy import load_file
-    root = tmp_path_factory.mktemp("batch")
-    out = {}
-    for i, gen in enumerate(GENERATIONS):
-        sd = official.random_official(gen, n_layer=2, n_embd=128, vocab_size=256, head_size=64, seed=50 + i)
-        config, tensors = official.canonical_from_official(gen, sd)
-        for dtype in DTYPES:
-            path = official.write_model(root / f"{gen}-{dtype}.safetensors", config, tensors, dtype=dtype)
-            out[gen, dtype] = (rwkvcpu.load(path), load_file(str(path)), config)
-    return out
+    return official.random_models(tmp_path_factory.mktemp("batch"), GENERATIONS, DTYPES, seed=50)
 
 
 def _prompts(model, lengths, seed=5):

@@ -16,7 +16,6 @@ float64 reference, so the two are within twice that of each other.
 import numpy as np
 import pytest
 
-import rwkvcpu
 from reference import FLOAT_TOLERANCE, logits_tolerance, official, reference_logits
 from rwkvcpu import matrix as matrix_module
 from rwkvcpu import model as model_module
@@ -35,17 +34,9 @@ def own_kernels(monkeypatch):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(generation, dtype) -> (Model, stored tensors, config, tokens)."""
-    from safetensors.numpy import load_file
-    root = tmp_path_factory.mktemp("paths")
-    out = {}
-    for i, gen in enumerate(GENERATIONS):
-        sd = official.random_official(gen, n_layer=2, n_embd=128, vocab_size=256, head_size=64, seed=30 + i)
-        config, tensors = official.canonical_from_official(gen, sd)
-        tokens = np.random.default_rng(i).integers(0, 256, N_TOKENS)
-        for dtype in DTYPES:
-            path = official.write_model(root / f"{gen}-{dtype}.safetensors", config, tensors, dtype=dtype)
-            out[gen, dtype] = (rwkvcpu.load(path), load_file(str(path)), config, tokens)
-    return out
+    built = official.random_models(tmp_path_factory.mktemp("paths"), GENERATIONS, DTYPES, seed=30)
+    tokens = {gen: np.random.default_rng(i).integers(0, 256, N_TOKENS) for i, gen in enumerate(GENERATIONS)}
+    return {(gen, dtype): (*m, tokens[gen]) for (gen, dtype), m in built.items()}
 
 
 def one_by_one(model, tokens, state=None):

@@ -4,6 +4,7 @@
     canonical_from_official(generation, sd) -> (ModelConfig, canonical tensors), per docs/FORMAT.md
     official_from_rwkvcpp(path)             -> (generation, state dict) of a tiny rwkv.cpp FP32 fixture
     write_model(path, config, tensors, dtype) -> an rwkvcpu safetensors file
+    random_models(root, generations, dtypes) -> {(generation, dtype): (Model, stored tensors, config)}
 
 These re-derive the converter's transforms from docs/FORMAT.md on purpose: the
 engine tests then do not depend on the converter, and disagreements between
@@ -186,6 +187,22 @@ def write_model(path, config, tensors, dtype="fp32", source_sha256=None):
                 source_file="test", source_sha256=source_sha256, source_format="test")
     save_file(stored, str(path), metadata=meta)
     return path
+
+
+def random_models(root, generations, dtypes, seed=0):
+    """Small random models (2 layers, 128 wide, 64-wide heads, 256 tokens) of each generation, stored
+    at each dtype: (generation, dtype) -> (Model, stored tensors, ModelConfig). Every matrix is
+    under 1 MB, so our kernels do every product."""
+    import rwkvcpu
+    from safetensors.numpy import load_file
+    out = {}
+    for i, gen in enumerate(generations):
+        sd = random_official(gen, n_layer=2, n_embd=128, vocab_size=256, head_size=64, seed=seed + i)
+        config, tensors = canonical_from_official(gen, sd)
+        for dtype in dtypes:
+            path = write_model(root / f"{gen}-{dtype}.safetensors", config, tensors, dtype=dtype)
+            out[gen, dtype] = (rwkvcpu.load(path), load_file(str(path)), config)
+    return out
 
 
 # --------------------------------------------------------------------------- rwkv.cpp fixtures
