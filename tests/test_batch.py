@@ -164,3 +164,17 @@ def test_pool_slots_and_bad_batches(model):
     with pytest.raises(InvalidArgumentError, match="not in use"):
         model.step(pool, [(a, [1])])
     assert pool.acquire() == a
+
+
+def test_a_one_layer_v7_steps(tmp_path):
+    """One layer has no value residual (no v1/v2, so the converter records no Dv): its work
+    buffer is empty and unused."""
+    from checkpoints import random_official_state_dict, write_pth
+    sd = random_official_state_dict("v7", 1, 64, 256, head_size=32, seed=4)
+    # As llama.cpp's GGUF files: layer 0 without the value residual's (unused) tensors.
+    sd = {k: v for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
+    path = write_pth(tmp_path / "one.pth", sd)
+    model = rwkvcpu.load(path, dtype="int8")
+    assert "Dv" not in model.config.lora_dims
+    logits, _ = model.forward_batch([[1, 2, 3], [4]])
+    np.testing.assert_array_equal(logits[0], model.forward([1, 2, 3])[0])

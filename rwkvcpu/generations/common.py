@@ -15,6 +15,7 @@ A generation module (v4.py, v5.py, v6.py, v7.py) provides:
 
     TimeMixWork, ChannelMixWork                   its work buffers (NamedTuples; each field's
                                                   default is its symbolic shape)
+    OPTIONAL_DIMS (optional)                      shape symbols a model may lack (their buffers are empty)
     load_time_mix(t, prefix, config, layer)       -> its TimeMix NamedTuple
     time_mix(att, i, config, xn, seqs, ws, x, v_first)
                                                   x += TimeMix(xn), layer i's state sections advanced;
@@ -165,7 +166,7 @@ class Workspace:
 
     def __init__(self, gen, config):
         self._types = (Stream, gen.TimeMixWork, gen.ChannelMixWork)
-        self._dims = config.dims()
+        self._dims = {**{d: 0 for d in getattr(gen, "OPTIONAL_DIMS", ())}, **config.dims()}
         self._rows = 0
         self._flat = {}
         self._works = {}

@@ -57,6 +57,11 @@ class ChannelMix(NamedTuple):
     value: object           # (D, F) matrix
 
 
+# Low-rank widths a model may lack: a one-layer v7 has no value residual (v1/v2 start at layer 1),
+# so no Dv; its v_h buffer is then empty and never used.
+OPTIONAL_DIMS = ("Dv",)
+
+
 class TimeMixWork(NamedTuple):
     """v7's time-mix work buffers for T tokens (each field's default is its shape)."""
     dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
