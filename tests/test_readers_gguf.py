@@ -340,14 +340,17 @@ def test_corrupt_bytes_refused_in_one_line(tmp_path):
             assert not out.exists()
 
 
-def test_fuzzed_headers_fail_in_one_line_or_read(tmp_path):
-    """Random byte changes in the header and random cuts: our error or a good read, nothing else, quickly."""
+def test_fuzzed_files_fail_in_one_line_or_read(tmp_path):
+    """Random byte changes (header or quantized data) and random cuts: our one-line error or a
+    good read, no other exception, no warning, quickly."""
     import time
+    import warnings
 
     from rwkvcpu.errors import RwkvCpuError
 
-    data = bytearray(SMALL.read_bytes())
-    header_end = gguf.GGUFReader(SMALL).data_offset
+    src = HERE / "v6-d64-mixed.gguf"
+    data = bytearray(src.read_bytes())
+    header_end = gguf.GGUFReader(src).data_offset
     rng = np.random.default_rng(14)
     path = tmp_path / "fuzz.gguf"
     outcomes = collections.Counter()
@@ -357,17 +360,31 @@ def test_fuzzed_headers_fail_in_one_line_or_read(tmp_path):
         if i % 3 == 0:
             blob = blob[:int(rng.integers(1, len(blob)))]
         else:
-            for pos in rng.integers(4, header_end, size=int(rng.integers(1, 4))):
-                # counts and lengths are little-endian u64/u32: large values come from the high bytes
+            # counts and lengths are little-endian u64/u32: large values come from the high bytes
+            end = header_end if i % 3 == 1 else len(blob)
+            for pos in rng.integers(4, end, size=int(rng.integers(1, 4))):
                 blob[pos] = int(rng.integers(0, 256))
         path.write_bytes(bytes(blob))
         try:
-            read_checkpoint(path, dtype="fp32", tokenizer="bytes")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                read_checkpoint(path, dtype="fp32", tokenizer="bytes")
             outcomes["read"] += 1
         except RwkvCpuError as e:
-            assert "\n" not in str(e)
+            assert "\n" not in str(e) and str(path) in str(e)
             outcomes["refused"] += 1
-    assert outcomes["refused"] > 50 and time.monotonic() - t0 < 120, outcomes
+    assert outcomes["refused"] > 30 and outcomes["read"] > 10 and time.monotonic() - t0 < 120, outcomes
+    # a Q4_K block whose scales are infinite (inf * 0 in the dequantizer) reads without a warning;
+    # loading a model refuses non-finite weights
+    k_file = HERE / "v7-d256-Q4_K_M.gguf"
+    t = next(t for t in gguf.GGUFReader(k_file).tensors if t.tensor_type.name == "Q4_K")
+    blob = bytearray(k_file.read_bytes())
+    blob[t.data_offset:t.data_offset + 4] = np.array([np.inf, np.inf], np.float16).tobytes()
+    path.write_bytes(bytes(blob))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, tensors = read_checkpoint(path, dtype="fp32", tokenizer="bytes")
+    assert not all(np.isfinite(v).all() for v in tensors.values())
 
 
 def test_older_v6_files_with_one_tensor_per_lerp(tmp_path):

@@ -503,8 +503,11 @@ class GgufSource(MappedSource):
         raw = raw.reshape(rows, nbytes // rows)
         out = np.empty((rows, shape[-1]), np.float32)
         step = max(1, CHUNK_BYTES // raw.shape[1])
-        for r0 in range(0, rows, step):
-            out[r0:r0 + step] = dequantize(raw[r0:r0 + step], qtype).reshape(-1, shape[-1])
+        # A corrupt block (an infinite scale) would make numpy warn on inf - inf; the
+        # values come back non-finite instead, which loading a model refuses in one line.
+        with np.errstate(all="ignore"):
+            for r0 in range(0, rows, step):
+                out[r0:r0 + step] = dequantize(raw[r0:r0 + step], qtype).reshape(-1, shape[-1])
         return out.reshape(shape)
 
     def stored(self):
