@@ -453,3 +453,72 @@ def test_fuzz_state_tuning_files(sandbox, seeds, pth_seeds, data):
         dst = Path(folder) / "out.safetensors"
         run_case(sandbox, "cli", ["convert", seeds.pth["v7"], dst, "--state", path], [path, seeds.pth["v7"]], dst,
                  f"{mutation!r:.300}")
+
+
+# ------------------------------------------------------------------ llama.cpp .gguf
+
+GGUF_SEEDS = ("v7-d64-F16.gguf", "v6-d64-mixed.gguf", "v7-d256-Q4_K_M.gguf")
+
+
+@pytest.fixture(scope="module")
+def gguf_seeds():
+    """Committed llama.cpp fixtures with the place of every integer in their headers (counts, string
+    and array lengths, value types, tensor dimensions, types and offsets) and of their tensors' data."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install '.[gguf]')")
+    out = {}
+    for name in GGUF_SEEDS:
+        path = Path(__file__).resolve().parent / "fixtures" / "gguf" / name
+        reader = gguf.GGUFReader(path)
+        spots = []
+        for field in list(reader.fields.values()) + [t.field for t in reader.tensors]:
+            pos = field.offset
+            for part in field.parts:
+                if part.dtype.kind in "ui" and part.size <= 4:
+                    spots += [(pos + k * part.itemsize, part.itemsize) for k in range(part.size)]
+                pos += part.nbytes
+        data = [(t.data_offset, t.tensor_type.name, t.n_bytes) for t in reader.tensors]
+        out[name] = (path.read_bytes(), spots, data)
+    return Records(out)
+
+
+@st.composite
+def gguf_mutation(draw, seed):
+    raw, spots, data = seed
+    kind = draw(st.sampled_from(["header", "header", "header", "data", "bytes"]))
+    if kind == "header":
+        return ("header", draw(st.integers(0, len(spots) - 1)), draw(st.one_of(ints, st.integers(0, 2**64 - 1))))
+    if kind == "data":
+        return ("data", draw(st.integers(0, len(data) - 1)), draw(st.integers(0, 2**20)), draw(nonfinite))
+    return ("bytes", draw(byte_edits(len(raw))))
+
+
+def mutated_gguf(seed, m) -> bytes:
+    raw, spots, data = seed
+    if m[0] == "header":
+        pos, width = spots[m[1]]
+        return raw[:pos] + (m[2] % 2 ** (8 * width)).to_bytes(width, "little") + raw[pos + width:]
+    if m[0] == "data":
+        offset, typ, nbytes = data[m[1]]
+        # a float's value, or a quantized block's first fp16 scale
+        size = {"F32": 4, "F16": 2, "BF16": 2}.get(typ, 0)
+        block = size or {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176,
+                         "Q6_K": 210}[typ]
+        at = offset + (m[2] % max(nbytes // block, 1)) * block + (208 if typ == "Q6_K" else 0)
+        return raw[:at] + with_nonfinite(raw[at:at + 4], 0, typ if size else "F16", m[3]) + raw[at + 4:]
+    return apply_byte_edits(raw, m[1])
+
+
+@budget(30)
+@given(data=st.data())
+def test_fuzz_gguf(sandbox, gguf_seeds, data):
+    name = data.draw(st.sampled_from(sorted(gguf_seeds)), label="seed")
+    mutation = data.draw(gguf_mutation(gguf_seeds[name]), label="mutation")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.gguf"
+        path.write_bytes(mutated_gguf(gguf_seeds[name], mutation))
+        dst = Path(folder) / "out.safetensors"
+        # the small fixtures' vocabulary is not World: --tokenizer lets conversion reach every tensor
+        target, args, dst = data.draw(st.sampled_from([
+            ("cli", ["info", path], None), ("load", [path], None),
+            ("cli", ["convert", path, dst, "--tokenizer", "bytes", "--dtype", "int4"], dst)]), label="command")
+        run_case(sandbox, target, args, [path], dst, f"{name} {mutation!r:.300}")

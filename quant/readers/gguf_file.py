@@ -138,7 +138,7 @@ def _strict_reader_class():
 
 
 def _parse(path, mapped):
-    """(metadata, [(name, type, numpy shape, data offset, bytes)]) of a GGUF file, by the gguf package.
+    """(metadata, [(name, type, numpy shape, data offset)]) of a GGUF file, by the gguf package.
 
     The package maps the file object `mapped` (a base.MappedFile) already opened and checked,
     rather than opening the path a second time.
@@ -152,13 +152,17 @@ def _parse(path, mapped):
         raise ModelFormatError(
             f"{path}: is a GGUF file; reading it needs the gguf package: pip install 'rwkvcpu[gguf]'") from None
     try:
-        # np.memmap, which the reader calls on its argument, takes an open file as well as a path.
-        reader = _strict_reader_class()(mapped._f)
+        # The reader adds and multiplies the file's uint64 counts as numpy scalars, which warn
+        # when a lying value overflows; offsets and sizes are recomputed below in Python integers.
+        with np.errstate(all="ignore"):
+            # np.memmap, which the reader calls on its argument, takes an open file as well as a path.
+            reader = _strict_reader_class()(mapped._f)
         if reader.byte_order != "I":
             raise ModelFormatError(f"{path}: is a big-endian GGUF file, which rwkvcpu does not read")
         fields = {name: _value(f) for name, f in reader.fields.items()}
+        # name, type, numpy shape, data offset in the file (the info's offset is from the data section)
         tensors = [(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())),
-                    int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+                    int(reader.data_offset) + int(t.field.parts[-1][0])) for t in reader.tensors]
     except _Short as e:
         raise ModelFormatError(
             f"{path}: truncated GGUF file (needs bytes up to {e.end}, file has {mapped.size})") from None
@@ -266,9 +270,8 @@ class GgufSource(MappedSource):
         self.architecture = arch
         family = ARCHITECTURES[arch]
         self._raw = {}
-        for name, typ, shape, offset, nbytes in tensors:
-            self._check_tensor(name, typ, shape, offset, nbytes)
-            self._raw[name] = (typ, shape, offset, nbytes)
+        for name, typ, shape, offset in tensors:
+            self._raw[name] = (typ, shape, offset, self._check_tensor(name, typ, shape, offset))
         self._check_layout()
         n_layer, n_embd, head_size = self._dims(family)
         self.head_size = head_size
@@ -288,7 +291,8 @@ class GgufSource(MappedSource):
 
     # ------------------------------------------------------------ checks
 
-    def _check_tensor(self, name, typ, shape, offset, nbytes):
+    def _check_tensor(self, name, typ, shape, offset) -> int:
+        """The tensor's size in bytes, after checking its type, shape and place in the file."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         p = self.path
@@ -305,11 +309,11 @@ class GgufSource(MappedSource):
             n *= d
         if shape[-1] % block:
             raise ModelFormatError(f"{p}: tensor {name!r} is {typ} but its rows ({shape[-1]}) are not whole blocks")
-        if nbytes != n // block * type_size:
-            raise ModelFormatError(f"{p}: tensor {name!r} {shape} {typ} claims {nbytes} bytes")
+        nbytes = n // block * type_size
         if offset + nbytes > self._file.size:
             raise ModelFormatError(
                 f"{p}: truncated in tensor {name!r} (needs bytes up to {offset + nbytes}, file has {self._file.size})")
+        return nbytes
 
     def _check_layout(self):
         spans = sorted((off, off + nb, name) for name, (_, _, off, nb) in self._raw.items())
@@ -332,7 +336,8 @@ class GgufSource(MappedSource):
         n_embd = self._meta_int("embedding_length")
         head_size = self._meta_int("wkv.head_size")
         layers = {int(m.group(1)) for n in self._raw for m in [_BLOCK.match(n)] if m}
-        if layers != set(range(n_layer)):
+        # (compared without building range(n_layer): the count comes from the file)
+        if len(layers) != n_layer or (layers and max(layers) != n_layer - 1):
             raise ModelFormatError(
                 f"{p}: GGUF metadata says {n_layer} layers ({self.architecture}.block_count) but the file "
                 f"holds blocks {sorted(layers)[:3]}{'...' if len(layers) > 3 else ''}")
@@ -503,8 +508,8 @@ class GgufSource(MappedSource):
         raw = raw.reshape(rows, nbytes // rows)
         out = np.empty((rows, shape[-1]), np.float32)
         step = max(1, CHUNK_BYTES // raw.shape[1])
-        # A corrupt block (an infinite scale) would make numpy warn on inf - inf; the
-        # values come back non-finite instead, which loading a model refuses in one line.
+        # A corrupt block (an infinite scale) would make numpy warn on inf * 0; the values
+        # come back non-finite instead, which the converter refuses in one line (checks.check_finite).
         with np.errstate(all="ignore"):
             for r0 in range(0, rows, step):
                 out[r0:r0 + step] = dequantize(raw[r0:r0 + step], qtype).reshape(-1, shape[-1])
