@@ -35,7 +35,7 @@ from .metrics import Metrics
 # The state cache's default budget.
 DEFAULT_CACHE_BYTES = 1 << 30
 
-__all__ = ["Server", "Settings", "start", "create_app"]
+__all__ = ["Server", "Settings", "build_app", "start", "create_app"]
 
 
 def _load(model, threads):
@@ -76,18 +76,11 @@ class Server:
                  cache_dir: Optional[str] = None, log_level: str = "warning", **settings):
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise InvalidArgumentError(f"the port must be a number from 0 to 65535, got {port!r}")
-        self.model = _load(model, threads)
-        if "model_name" not in settings:
-            settings["model_name"] = os.path.splitext(os.path.basename(self.model.path))[0] or "rwkv"
-        self.settings = Settings(**settings)
-        self.cache = None
-        if cache_bytes:
-            from ..cache import StateCache
-            self.cache = StateCache(self.model, cache_bytes, directory=cache_dir)
-        self.metrics = Metrics()
-        self.scheduler = Scheduler(self.model, max_batch=max_batch, prefill_budget=prefill_budget,
-                                   max_queue=max_queue, cache=self.cache, observer=self.metrics)
-        self.app = create_app(self.model, settings=self.settings, scheduler=self.scheduler, metrics=self.metrics)
+        self.app = build_app(model, threads=threads, max_batch=max_batch, prefill_budget=prefill_budget,
+                             max_queue=max_queue, cache_bytes=cache_bytes, cache_dir=cache_dir, **settings)
+        service = self.app.state.service
+        self.model, self.settings, self.metrics = service.model, service.settings, service.metrics
+        self.scheduler, self.cache = service.scheduler, service.scheduler.cache
         self.host = host
         self._socket = _listen(host, port)
         self.port = self._socket.getsockname()[1]
@@ -144,6 +137,39 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def build_app(model=None, *, threads: Optional[int] = None, max_batch: int = DEFAULT_MAX_BATCH,
+              prefill_budget: int = DEFAULT_PREFILL_BUDGET, max_queue: int = DEFAULT_MAX_QUEUE,
+              cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: Optional[str] = None, **settings):
+    """The server's ASGI app with everything under it: the model, its state cache, metrics and scheduler.
+
+    What a Server serves with uvicorn, and what each Ray Serve replica serves (rwkvcpu.server.ray_serve).
+    The scheduler is not started: call `app.state.service.scheduler.start()` before serving, `.stop()` after.
+
+    Args:
+        model, threads, max_batch, prefill_budget, max_queue, cache_bytes, cache_dir: as for Server.
+        **settings: Settings fields (model_name defaults to the model file's name without extension).
+
+    Returns:
+        the FastAPI app; `app.state.service` holds the model, scheduler (its `.cache`), settings and metrics.
+
+    Example:
+        >>> app = rwkvcpu.server.build_app("model.safetensors", max_batch=4)
+        >>> app.state.service.scheduler.start()     # then serve `app` with any ASGI server
+    """
+    model = _load(model, threads)
+    if "model_name" not in settings:
+        settings["model_name"] = os.path.splitext(os.path.basename(model.path))[0] or "rwkv"
+    settings = Settings(**settings)
+    cache = None
+    if cache_bytes:
+        from ..cache import StateCache
+        cache = StateCache(model, cache_bytes, directory=cache_dir)
+    metrics = Metrics()
+    scheduler = Scheduler(model, max_batch=max_batch, prefill_budget=prefill_budget, max_queue=max_queue,
+                          cache=cache, observer=metrics)
+    return create_app(model, settings=settings, scheduler=scheduler, metrics=metrics)
 
 
 def start(model=None, **options) -> Server:
