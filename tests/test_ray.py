@@ -209,6 +209,18 @@ def test_options_are_checked():
     assert RayOptions.model_validate({"replicas": "auto"}).replicas == "auto"
 
 
+def test_the_cluster_example_is_a_serve_config_of_this_builder():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((HERE.parent / "docs" / "ray-cluster.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "rwkvcpu.server.ray_serve:build"
+    options = RayOptions.model_validate(app.args)
+    assert options.replicas == "auto" and options.max_replicas_per_node == 1 and options.api_key
+    assert {d.name for d in app.deployments} <= {"Replica", "Front"}
+
+
 def test_cli_ray_flags_and_install_hint(monkeypatch, capsys):
     def run(*args):
         with pytest.raises(SystemExit) as e:

@@ -26,8 +26,8 @@ replicas=2`, or from a Serve config file (docs/RAY.md); from Python:
     >>> serve.run(build(RayOptions(model="rwkv7-0.4b-int8.safetensors", replicas=2)), name="rwkvcpu")
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve reads build()'s annotation as a class to
+# validate a config's args into RayOptions.
 import asyncio
 import dataclasses
 import json
