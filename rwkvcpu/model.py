@@ -215,7 +215,9 @@ class Model:
 
         Returns:
             (len(batch), vocab_size) float32: row b is the logits after the last
-            token of batch[b].
+            token of batch[b]. Unlike forward, a row that overflowed is returned
+            as it is (NaN or infinite), so that it fails its own sequence only:
+            Sampler.sample refuses it with a NonFiniteError.
 
         Raises:
             InvalidArgumentError: an empty batch, a slot given twice or not in use,
@@ -240,7 +242,8 @@ class Model:
         with self._lock:
             self._use_threads()
             self._advance(pool.data, slots, [toks for _, toks in entries], logits)
-        self._check_logits(logits)
+        # Not checked here: one sequence's overflow must not fail the others of its batch. Its row
+        # reaches the sampler, which refuses it (NonFiniteError) for that sequence alone.
         return logits
 
     def forward_batch(self, token_lists, states=None):
@@ -254,6 +257,9 @@ class Model:
         Returns:
             (logits, states): a list of (vocab_size,) float32 logits and a list of
             new States, one per sequence, each equal to `forward(tokens, state)`.
+
+        Raises:
+            NonFiniteError: some logits came out NaN or infinite, as forward.
 
         Example:
             >>> logits, states = model.forward_batch([[510, 1563], [310]])
@@ -269,6 +275,7 @@ class Model:
         pool = self.state_pool(len(token_lists))
         slots = [pool.acquire(s) for s in states]
         logits = self.step(pool, list(zip(slots, token_lists)))
+        self._check_logits(logits)
         return list(logits), [pool.snapshot(s) for s in slots]
 
     def __call__(self, tokens, state=None, **kw):

@@ -337,8 +337,8 @@ def test_nonfinite_weights_refused_when_loading(sandbox, seeds, tmp_path, dtype,
                        skip=("info", "describe"))
 
 
-def test_logits_that_overflow_at_run_time(sandbox, seeds, tmp_path):
-    """Finite weights (the file loads) whose logits overflow: said in one line, biases not blamed."""
+def _overflowing_model(seeds, tmp_path):
+    """An fp32 file whose head.weight is +-3e38: finite (it loads), but its logits overflow."""
     header, data = st_parse(seeds.ours[("v7", "fp32")].read_bytes())
     begin, end = header["head.weight"]["data_offsets"]
     big = np.full((end - begin) // 4, 3e38, "<f4")
@@ -346,6 +346,12 @@ def test_logits_that_overflow_at_run_time(sandbox, seeds, tmp_path):
     data = data[:begin] + big.tobytes() + data[end:]
     path = tmp_path / "overflow.safetensors"
     path.write_bytes(st_bytes(header, data))
+    return path
+
+
+def test_logits_that_overflow_at_run_time(sandbox, seeds, tmp_path):
+    """Finite weights (the file loads) whose logits overflow: said in one line, biases not blamed."""
+    path = _overflowing_model(seeds, tmp_path)
     for label, target, args, dst in commands(path, tmp_path, seeds, ours=True):
         report = sandbox.run(target, [str(a) for a in args])
         if label in ("info", "describe"):
@@ -353,6 +359,23 @@ def test_logits_that_overflow_at_run_time(sandbox, seeds, tmp_path):
             continue
         refused(report, "NaN or infinite logits", [path], dst, label)
         assert "bias" not in (report["stderr"] + str(report["error"])), label
+
+
+def test_overflow_in_a_batch_fails_its_own_sequence(seeds, tmp_path):
+    """forward and forward_batch raise; step returns the row as it is, for the sampler to refuse for
+    that sequence alone (the scheduler drops only its request)."""
+    import rwkvcpu
+    from rwkvcpu.sampling import Sampler, SamplingParams
+    model = rwkvcpu.load(_overflowing_model(seeds, tmp_path), threads=1)
+    with pytest.raises(NonFiniteError, match="overflow.safetensors: the model computed NaN or infinite logits"):
+        model.forward([1, 2])
+    with pytest.raises(NonFiniteError):
+        model.forward_batch([[1], [2]])
+    pool = model.state_pool(1)
+    row = model.step(pool, [(pool.acquire(), [1])])[0]
+    assert not np.isfinite(row).all()
+    with pytest.raises(NonFiniteError, match="the model's logits are NaN or infinite"):
+        Sampler(SamplingParams(), model.config.vocab_size).sample(row)
 
 
 def test_sampler_names_only_what_the_caller_set():
