@@ -7,8 +7,9 @@ float parts of a model file once (fp32/fp16 matrices, the scales and minima of
 int8/int4 ones, vectors): int8 and int4 values are integers and need no check.
 
 The test reads the exponent bits (all ones is NaN or infinity), a chunk at a
-time so that no temporary grows with the tensor: about 15 GB/s here, less
-than the first token's own pass over the weights.
+time so that no temporary grows with the tensor. Measured on a random v7 of
+12 layers x 768, vocabulary 65536 (2 busy cores): 236 ms for its 393 MB fp16
+file (one token took 337 ms in the same run), 10 ms for its 213 MB int8 file.
 
 Example:
     >>> first_nonfinite(np.array([1.0, np.inf], np.float32))

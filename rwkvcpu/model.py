@@ -372,10 +372,17 @@ class Model:
 
     @property
     def tokenizer(self):
-        """The model's tokenizer (loaded on first use)."""
+        """The model's tokenizer (loaded on first use).
+
+        Raises:
+            ModelFormatError: the file's tokenizer metadata is unusable; the message names the file.
+        """
         if self._tokenizer is None:
             from .tokenizers import load_tokenizer
-            self._tokenizer = load_tokenizer(self.metadata)
+            try:
+                self._tokenizer = load_tokenizer(self.metadata)
+            except ModelFormatError as e:
+                raise ModelFormatError(f"{self.path}: {e}") from None
         return self._tokenizer
 
     def generate(self, prompt, **sampling):

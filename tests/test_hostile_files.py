@@ -256,6 +256,22 @@ def test_info_says_when_a_file_will_not_load(sandbox, seeds, tmp_path, changes, 
     refused(sandbox.run("load", [str(path)]), fragment, [path])
 
 
+@pytest.mark.parametrize("changes, fragment", [
+    ({"tokenizer": "0"}, "unknown tokenizer '0'"),
+    ({"tokenizer": "embedded"}, "embedded"),
+    ({"eos_token_id": "9" * 5000}, "bad eos_token_id"),
+    ({"tokenizer": "world"}, "65536 tokens but the model only 256 logits"),
+])
+def test_unusable_tokenizer_metadata(sandbox, seeds, tmp_path, changes, fragment):
+    """Found by the fuzzer: the tokenizer loads lazily, and its errors did not name the file."""
+    path = _with_metadata(seeds.ours[("v7", "int8")], tmp_path / "tok.safetensors", **changes)
+    for label in ("generate", "perplexity"):
+        args = next(args for lab, _, args, _ in commands(path, tmp_path, seeds, ours=True) if lab == label)
+        report = sandbox.run("cli", [str(a) for a in args])
+        refused(report, fragment, [path], label=label)
+        assert len(report["stderr"]) < 400, report["stderr"]
+
+
 def test_info_cuts_long_metadata_and_escapes_control_characters(sandbox, seeds, tmp_path):
     path = _with_metadata(seeds.ours[("v7", "int8")], tmp_path / "long.safetensors",
                           note="x" * 1_000_000, evil="\x1b[2J\nfake: row")

@@ -29,7 +29,7 @@ from typing import Mapping
 
 from pathlib import Path
 
-from ..errors import InvalidArgumentError, ModelFormatError
+from ..errors import InvalidArgumentError, ModelFormatError, shown
 from .base import ByteStreamDecoder, StreamDecoder, TextStreamDecoder, Tokenizer
 from .byte import ByteTokenizer
 
@@ -69,7 +69,7 @@ def _named(name: str, metadata: Mapping[str, str]) -> Tokenizer:
                                    "has no tokenizer_json; re-convert it with `rwkvcpu convert`")
         from .hf import HFTokenizer
         return HFTokenizer(text, name="embedded")
-    raise ModelFormatError(f"unknown tokenizer {name!r} in the model's metadata; "
+    raise ModelFormatError(f"unknown tokenizer {shown(name)} in the model's metadata; "
                            f"expected one of {', '.join(TOKENIZER_NAMES)}")
 
 
@@ -95,7 +95,7 @@ def load_tokenizer(metadata: Mapping[str, str]) -> Tokenizer:
     try:
         vocab_size = int(vocab_size) if vocab_size is not None else None
     except ValueError:
-        raise ModelFormatError(f"bad vocab_size {vocab_size!r} in the model's metadata") from None
+        raise ModelFormatError(f"bad vocab_size {shown(vocab_size)} in the model's metadata") from None
     name = metadata.get("tokenizer") or ("bytes" if vocab_size == 256 else "world")
     tokenizer = _named(name, metadata)
     eos = metadata.get("eos_token_id")
@@ -169,7 +169,7 @@ def _with_eos(tokenizer: Tokenizer, eos: str) -> Tokenizer:
     try:
         eos_id = int(eos)
     except ValueError:
-        raise ModelFormatError(f"bad eos_token_id {eos!r} in the model's metadata") from None
+        raise ModelFormatError(f"bad eos_token_id {shown(eos)} in the model's metadata") from None
     if eos_id < 0:
         eos_id = None
     if eos_id == tokenizer.eos_token_id:
