@@ -1,0 +1,528 @@
+"""int8 and int4 matrix products on int8 activations: out[t] = W @ X[t] for a block of T tokens.
+
+Each row of X is first quantized to int8 per weight group (scale max|x| / 127;
+`quantize_i8` / `quantize_i4`), so that a group's dot product is exact integer
+arithmetic on the CPU's widest integer multiply-add (kernels/idot.py; the path
+is chosen once from the CPU's features, kernels/isa.py). The rounding moves
+each x[j] by at most max|x over its group| / 254.
+
+Two layouts of the work, one result: both compute every (token, row) in the
+canonical order of kernels/idot.py, so a token gives the same bits alone and
+in a block, and every CPU path gives the same bits.
+
+    rows   (T <= ROW_TOKENS)  each weight row is read once and multiplied with the
+           T tokens' activations in turn; for one token (decoding), a stream of rows.
+    tiles  (T > ROW_TOKENS)   the activations of 8 tokens are interleaved word by word
+           (`tile_i8`), and each 4-byte word of weights is broadcast to the 8 token lanes
+           of one vpdpbusd: 8 tokens for the instructions of one. A block of rows is read
+           from memory once for all the tiles of a prompt.
+
+Scratch arrays come from `Work` (per thread, reused); nothing here allocates
+per call once a shape has been seen. Example:
+
+    >>> out = np.empty((X.shape[0], q.shape[0]), np.float32)
+    >>> matmul_int8(q, scale, X, out, parallel=True)
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from types import FunctionType
+
+import numpy as np
+from numba import njit, prange
+
+from . import idot, isa
+from .simd import prefetch
+
+# Tokens up to which the row layout is used (see the module docstring).
+ROW_TOKENS = 1
+# Tokens per tile: the lanes of one 256-bit vector of int32.
+TILE = 8
+# Output rows per unit of parallel work; rows per tile intrinsic call (independent chains of
+# multiply-adds for the CPU to interleave).
+ROWS = 16
+TILE_ROWS = 4
+# How far ahead of the tile kernels' reads to prefetch into L2, in rows: they read a few bytes of
+# TILE_ROWS rows at a time, too short a stream for the hardware prefetcher (measured: 2x at DRAM).
+PREFETCH_ROWS = 16
+# How far ahead of the int4 row kernel's reads to prefetch: it computes so much per byte that the
+# hardware prefetcher falls behind.
+PREFETCH_BYTES = 4096
+# int8 activations per word of a tile, and int8 / int4 weights per group (rwkvcpu/formats.py).
+I8_GROUP = 64
+I4_GROUP = 32
+
+_UNSIGNED = np.int32(-2139062144)   # 0x80808080: + 128 on each byte of a word
+
+
+# --------------------------------------------------------------- activations
+
+def _quantize_i8(X, xq, xs, xc):
+    """Per token t and group g of 64: xs[t, g] = max|x| / 127, xq = rint(x / xs) in [-127, 127],
+    xc[t, g] = 128 * sum(xq over the group). A group holding inf or NaN gets xs = NaN and xq = 0,
+    so the products that use it come out NaN, as float products would.
+    X: (T, m) f32, xq: (T, m) i8, xs, xc: (T, m/64) f32, i32"""
+    T, m = X.shape
+    ng = xs.shape[1]
+    for t in range(T):
+        for g in range(ng):
+            amax = np.float32(0.0)
+            finite = True
+            for j in range(64 * g, 64 * g + 64):
+                v = abs(X[t, j])
+                # Not "v > max": NaN compares false. Without fastmath the test is kept.
+                if not v <= np.float32(3.4028235e38):
+                    finite = False
+                elif v > amax:
+                    amax = v
+            inv = np.float32(127.0) / amax if amax > 0 and finite else np.float32(0.0)
+            xs[t, g] = amax / np.float32(127.0) if finite else np.float32(np.nan)
+            total = 0
+            for j in range(64 * g, 64 * g + 64):
+                v = min(max(np.rint(X[t, j] * inv), np.float32(-127.0)), np.float32(127.0)) if finite else 0.0
+                xq[t, j] = np.int8(v)
+                total += np.int32(v)
+            xc[t, g] = np.int32(128) * total
+
+
+@njit(cache=True)
+def _i4_slot(g, i, chunked):
+    """Where activation i (0-31) of int4 group g goes in the row layout: groups g < chunked (a
+    multiple of 4) in runs of 4, each run 64 bytes of the low nibbles' partners (activations 0-15
+    of each group, group after group) then 64 bytes of the high ones'; later groups in natural order."""
+    if g < chunked:
+        return 128 * (g // 4) + 64 * (i // 16) + 16 * (g % 4) + i % 16
+    return 32 * g + i
+
+
+def _quantize_i4(X, xq, xs, e):
+    """Per token t and group g of 32: xs[t, g] = max|x| / 127, its int8 levels q = rint(x / xs)
+    placed at _i4_slot, e[t, g] = xs * sum(q) (the sum the weights' mins multiply). A group
+    holding inf or NaN gets xs = e = NaN and q = 0.
+    X: (T, m) f32, xq: (T, m) i8, xs, e: (T, m/32) f32"""
+    T, m = X.shape
+    ng = xs.shape[1]
+    chunked = ng // 4 * 4
+    for t in range(T):
+        for g in range(ng):
+            amax = np.float32(0.0)
+            finite = True
+            for j in range(32 * g, 32 * g + 32):
+                v = abs(X[t, j])
+                if not v <= np.float32(3.4028235e38):
+                    finite = False
+                elif v > amax:
+                    amax = v
+            inv = np.float32(127.0) / amax if amax > 0 and finite else np.float32(0.0)
+            s = amax / np.float32(127.0) if finite else np.float32(np.nan)
+            total = 0
+            for i in range(32):
+                v = min(max(np.rint(X[t, 32 * g + i] * inv), np.float32(-127.0)), np.float32(127.0)) if finite else 0.0
+                xq[t, _i4_slot(g, i, chunked)] = np.int8(v)
+                total += np.int32(v)
+            xs[t, g] = s
+            e[t, g] = s * np.float32(total)
+
+
+def _tile_i8(xq, xs, unsigned, xt, sxt):
+    """The tokens in tiles of 8: xt[k, g, j, l] = bytes 4j .. 4j + 3 of group g of token 8k + l as
+    one int32 word (each byte + 128, as unsigned, when `unsigned`: the VNNI paths' operand), sxt[k, g, l]
+    = xs[8k + l, g]; lanes past the last token hold zeros (their results are not stored).
+    xq: (T, m) i8, xs: (T, m/64) f32, xt: (T/8 rounded up, m/64, 16, 8) i32, sxt: (same, m/64, 8) f32"""
+    T = xq.shape[0]
+    tiles, ng = sxt.shape[0], sxt.shape[1]
+    words = xq.view(np.int32)
+    for k in range(tiles):
+        for g in range(ng):
+            for l in range(TILE):
+                t = TILE * k + l
+                for j in range(16):
+                    w = words[t, 16 * g + j] if t < T else np.int32(0)
+                    xt[k, g, j, l] = w ^ _UNSIGNED if unsigned else w
+                sxt[k, g, l] = xs[t, g] if t < T else np.float32(0.0)
+
+
+def _tile_i4(xq, xs, e, xt, sxt, et):
+    """The tokens in tiles of 8: xt[k, g, w, l] = activations 4w .. 4w + 3 of group g (natural order)
+    of token 8k + l as one int32 word; sxt, et[k, g, l] = xs, e[8k + l, g]; zeros past the last token.
+    xq: (T, m) i8 (row layout, see _quantize_i4), xs, e: (T, m/32) f32, xt: (tiles, m/32, 8, 8) i32,
+    sxt, et: (tiles, m/32, 8) f32"""
+    T = xq.shape[0]
+    tiles, ng = sxt.shape[0], sxt.shape[1]
+    chunked = ng // 4 * 4
+    for k in range(tiles):
+        for g in range(ng):
+            for l in range(TILE):
+                t = TILE * k + l
+                for w in range(8):
+                    word = np.int32(0)
+                    if t < T:
+                        for b in range(4):
+                            word |= (np.int32(xq[t, _i4_slot(g, 4 * w + b, chunked)]) & 255) << (8 * b)
+                    xt[k, g, w, l] = word
+                sxt[k, g, l] = xs[t, g] if t < T else np.float32(0.0)
+                et[k, g, l] = e[t, g] if t < T else np.float32(0.0)
+
+
+def _negated_sums_i8(q, nw):
+    """nw[i, g] = -128 * (sum of group g of row i): takes back the + 128 of the tiles' unsigned
+    activations.   q: (n, m) i8, nw: (n, m/64) i32"""
+    n, m = q.shape
+    ng = nw.shape[1]
+    for i in prange(n):
+        for g in range(ng):
+            s = np.int32(0)
+            for j in range(64 * g, 64 * g + 64):
+                s += np.int32(q[i, j])
+            nw[i, g] = np.int32(-128) * s
+
+
+# ------------------------------------------------------------------ kernels
+# Written once; _specialize binds the intrinsics of one CPU path (i8_row, i8_tile, ...).
+# The literal group counts (16, 4, 3, 2, 1) make each call a fixed piece of straight-line code.
+
+def _rows_i8(q, scale, xq, xs, xc, out):
+    """out[t, i] = sum over groups g (canonical order, kernels/idot.py) of
+    f32(q[i, g] . xq[t, g]) * scale[i, g] * xs[t, g]
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), xq: (T, m) i8, xs: (T, m/64) f32, xc: (T, m/64) i32,
+    out: (T, n) f32"""
+    n, m = q.shape
+    T, ng = xs.shape
+    for i in prange(n):
+        for t in range(T):
+            acc = np.float32(0.0)
+            g = 0
+            while g + 16 <= ng:
+                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 16)
+                g += 16
+            while g + 4 <= ng:
+                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 4)
+                g += 4
+            rest = ng - g
+            if rest == 3:
+                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 3)
+            elif rest == 2:
+                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 2)
+            elif rest == 1:
+                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 1)
+            out[t, i] = acc
+
+
+def _rows_i4(q, scale, minimum, xq, xs, e, out):
+    """out[t, i] = sum over groups g (canonical order) of
+    f32(q[i, g] . xq[t, g]) * scale[i, g] * xs[t, g] + min[i, g] * e[t, g]
+    q: (n, m/2) u8, scale, minimum: (n, m/32) u16 (fp16 bits), xq: (T, m) i8 (row layout, _quantize_i4),
+    xs, e: (T, m/32) f32, out: (T, n) f32"""
+    n, half = q.shape
+    T, ng = xs.shape
+    m = 2 * half
+    for i in prange(n):
+        for t in range(T):
+            acc = np.float32(0.0)
+            g = 0
+            while g + 16 <= ng:
+                if t == 0:
+                    for k in range(4):
+                        prefetch(q, i * half + 16 * g + PREFETCH_BYTES + 64 * k)
+                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
+                             i * ng + g, 16)
+                g += 16
+            while g + 4 <= ng:
+                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
+                             i * ng + g, 4)
+                g += 4
+            rest = ng - g
+            if rest == 3:
+                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
+                             i * ng + g, 3)
+            elif rest == 2:
+                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
+                             i * ng + g, 2)
+            elif rest == 1:
+                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
+                             i * ng + g, 1)
+            out[t, i] = acc
+
+
+def _tile_rows_i8(acc, q, scale, nw, xt, sxt, k, i, ng, rows):
+    """acc[r, l] = row i + r (r < rows: TILE_ROWS, or 1) for the 8 tokens of tile k."""
+    m = q.shape[1]
+    acc[:] = 0.0
+    g = 0
+    while g + 4 <= ng:
+        if rows == TILE_ROWS:
+            i8_tile(acc, q, i * m + 64 * g, nw, i * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
+                    scale, i * ng + g, ng, 4, TILE_ROWS)
+        else:
+            i8_tile(acc, q, i * m + 64 * g, nw, i * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
+                    scale, i * ng + g, ng, 4, 1)
+        g += 4
+    rest = ng - g
+    for r in range(rows):
+        # The last 1-3 groups one row at a time: rare (widths that are not a multiple of 256).
+        a = acc[r:r + 1]
+        j = i + r
+        if rest == 3:
+            i8_tile(a, q, j * m + 64 * g, nw, j * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
+                    scale, j * ng + g, ng, 3, 1)
+        elif rest == 2:
+            i8_tile(a, q, j * m + 64 * g, nw, j * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
+                    scale, j * ng + g, ng, 2, 1)
+        elif rest == 1:
+            i8_tile(a, q, j * m + 64 * g, nw, j * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
+                    scale, j * ng + g, ng, 1, 1)
+
+
+def _tiles_i8(q, scale, nw, xt, sxt, out):
+    """out[t, i] for every token, the tiles' way (the same numbers as _rows_i8).
+    q: (n, m) i8, scale: (n, m/64) u16, nw: (n, m/64) i32 (_negated_sums_i8), xt: (tiles, m/64, 16, 8) i32,
+    sxt: (tiles, m/64, 8) f32, out: (T, n) f32"""
+    n, m = q.shape
+    T = out.shape[0]
+    ng = scale.shape[1]
+    tiles = xt.shape[0]
+    for b in prange((n + ROWS - 1) // ROWS):
+        acc = np.empty((TILE_ROWS, TILE), np.float32)
+        for i in range(b * ROWS, min(n, b * ROWS + ROWS), TILE_ROWS):
+            rows = min(TILE_ROWS, n - i)
+            ahead = (i + PREFETCH_ROWS) * m
+            for k in range(tiles):
+                if k == 0 and ahead + TILE_ROWS * m <= n * m:
+                    for off in range(ahead, ahead + TILE_ROWS * m, 64):
+                        idot.prefetch_l2(q, off)
+                if rows == TILE_ROWS:
+                    _tile_rows_i8(acc, q, scale, nw, xt, sxt, k, i, ng, TILE_ROWS)
+                else:
+                    for r in range(rows):
+                        _tile_rows_i8(acc[r:r + 1], q, scale, nw, xt, sxt, k, i + r, ng, 1)
+                for r in range(rows):
+                    for l in range(min(TILE, T - TILE * k)):
+                        out[TILE * k + l, i + r] = acc[r, l]
+
+
+def _tile_rows_i4(acc, q, scale, minimum, xt, sxt, et, k, i, ng, rows):
+    """acc[r, l] = row i + r (r < rows: TILE_ROWS, or 1) for the 8 tokens of tile k."""
+    half = q.shape[1]
+    acc[:] = 0.0
+    g = 0
+    while g + 4 <= ng:
+        if rows == TILE_ROWS:
+            i4_tile(acc, q, i * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
+                    scale, minimum, i * ng + g, ng, 4, TILE_ROWS)
+        else:
+            i4_tile(acc, q, i * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
+                    scale, minimum, i * ng + g, ng, 4, 1)
+        g += 4
+    rest = ng - g
+    for r in range(rows):
+        a = acc[r:r + 1]
+        j = i + r
+        if rest == 3:
+            i4_tile(a, q, j * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
+                    scale, minimum, j * ng + g, ng, 3, 1)
+        elif rest == 2:
+            i4_tile(a, q, j * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
+                    scale, minimum, j * ng + g, ng, 2, 1)
+        elif rest == 1:
+            i4_tile(a, q, j * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
+                    scale, minimum, j * ng + g, ng, 1, 1)
+
+
+def _tiles_i4(q, scale, minimum, xt, sxt, et, out):
+    """out[t, i] for every token, the tiles' way (the same numbers as _rows_i4).
+    q: (n, m/2) u8, scale, minimum: (n, m/32) u16, xt: (tiles, m/32, 8, 8) i32, sxt, et: (tiles, m/32, 8) f32,
+    out: (T, n) f32"""
+    n, half = q.shape
+    T = out.shape[0]
+    ng = scale.shape[1]
+    tiles = xt.shape[0]
+    for b in prange((n + ROWS - 1) // ROWS):
+        acc = np.empty((TILE_ROWS, TILE), np.float32)
+        for i in range(b * ROWS, min(n, b * ROWS + ROWS), TILE_ROWS):
+            rows = min(TILE_ROWS, n - i)
+            ahead = (i + PREFETCH_ROWS) * half
+            for k in range(tiles):
+                if k == 0 and ahead + TILE_ROWS * half <= n * half:
+                    for off in range(ahead, ahead + TILE_ROWS * half, 64):
+                        idot.prefetch_l2(q, off)
+                if rows == TILE_ROWS:
+                    _tile_rows_i4(acc, q, scale, minimum, xt, sxt, et, k, i, ng, TILE_ROWS)
+                else:
+                    for r in range(rows):
+                        _tile_rows_i4(acc[r:r + 1], q, scale, minimum, xt, sxt, et, k, i + r, ng, 1)
+                for r in range(rows):
+                    for l in range(min(TILE, T - TILE * k)):
+                        out[TILE * k + l, i + r] = acc[r, l]
+
+
+# ------------------------------------------------------------ compilation
+
+def _specialize(f, path: str, parallel: bool, helpers=()):
+    """f compiled for one CPU path: its globals see that path's intrinsics (and `helpers`,
+    themselves specialized, by name). Each variant gets a name of its own: numba's disk
+    cache is keyed by name, not by globals."""
+    glb = dict(f.__globals__)
+    glb.update(idot.make_row_intrinsics(path))
+    glb.update(idot.make_tile_intrinsics(path))
+    glb.update(helpers)
+    name = f"{f.__name__}_{path}_{'parallel' if parallel else 'serial'}"
+    g = FunctionType(f.__code__, glb, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    g.__doc__ = f.__doc__
+    if parallel:
+        return njit(parallel=True, cache=True)(g)
+    return njit(nogil=True, cache=True)(g)
+
+
+class PathKernels:
+    """The kernels of one CPU path, each compiled on first use (serial and parallel apart)."""
+
+    _SOURCES = {"rows_i8": _rows_i8, "rows_i4": _rows_i4, "tiles_i8": _tiles_i8, "tiles_i4": _tiles_i4}
+    _HELPERS = {"tiles_i8": ("_tile_rows_i8", _tile_rows_i8), "tiles_i4": ("_tile_rows_i4", _tile_rows_i4)}
+
+    def __init__(self, path: str):
+        self.path = path
+        self._compiled = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, parallel: bool):
+        key = (name, parallel)
+        fn = self._compiled.get(key)
+        if fn is None:
+            with self._lock:
+                fn = self._compiled.get(key)
+                if fn is None:
+                    helpers = {}
+                    if name in self._HELPERS:
+                        hname, hsrc = self._HELPERS[name]
+                        helpers[hname] = _specialize(hsrc, self.path, False)
+                    fn = self._compiled[key] = _specialize(self._SOURCES[name], self.path, parallel, helpers)
+        return fn
+
+
+_paths = {}
+
+
+def kernels(path=None) -> PathKernels:
+    """The kernel set of `path` (default: isa.best_path())."""
+    path = path or isa.best_path()
+    ks = _paths.get(path)
+    if ks is None:
+        ks = _paths.setdefault(path, PathKernels(path))
+    return ks
+
+
+quantize_i8 = njit(nogil=True, cache=True)(_quantize_i8)
+quantize_i4 = njit(nogil=True, cache=True)(_quantize_i4)
+tile_i8 = njit(nogil=True, cache=True)(_tile_i8)
+tile_i4 = njit(nogil=True, cache=True)(_tile_i4)
+negated_sums_i8 = njit(parallel=True, cache=True)(_negated_sums_i8)
+
+
+# ----------------------------------------------------------- work buffers
+
+class Work(threading.local):
+    """Per calling thread, by (name, shape): the scratch arrays of the products. The last
+    MAX_ARRAYS are kept, so a step shaped like the last allocates nothing."""
+
+    MAX_ARRAYS = 128
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        key = (name, shape)
+        a = self.arrays.get(key)
+        if a is None:
+            if len(self.arrays) >= self.MAX_ARRAYS:
+                self.arrays.clear()
+            a = self.arrays[key] = np.empty(shape, dtype)
+        return a
+
+
+_work = Work()
+
+
+class _WeightSums:
+    """-128 * the group sums of each int8 matrix the tiles have multiplied (the VNNI paths' term
+    for their unsigned activations), computed on first use and kept while the matrix lives."""
+
+    def __init__(self):
+        self._sums = {}
+        self._lock = threading.Lock()
+
+    def of(self, q: np.ndarray) -> np.ndarray:
+        key = id(q)
+        hit = self._sums.get(key)
+        if hit is not None and hit[0]() is q:
+            return hit[1]
+        nw = np.empty((q.shape[0], q.shape[1] // I8_GROUP), np.int32)
+        negated_sums_i8(q, nw)
+        with self._lock:
+            self._sums[key] = (weakref.ref(q, lambda _, k=key: self._sums.pop(k, None)), nw)
+        return nw
+
+
+_weight_sums = _WeightSums()
+
+
+def _tiles_of(T):
+    return (T + TILE - 1) // TILE
+
+
+# ------------------------------------------------------------------ products
+
+def matmul_int8(q, scale, X, out, parallel: bool, path=None) -> None:
+    """out = X @ W.T for an int8 matrix (rwkvcpu/formats.py Int8).
+
+    Args:
+        q: (n, m) int8 weights; scale: (n, m/64) uint16 (fp16 bits), C-contiguous.
+        X: (T, m) float32, C-contiguous. out: (T, n) float32, C-contiguous, written.
+        parallel: run on numba's threads (else on the calling thread, without the GIL).
+        path: a kernels/isa.py path (default: the best this CPU has; tests pick others).
+    """
+    T, m = X.shape
+    ng = m // I8_GROUP
+    ks = kernels(path)
+    xq = _work.get("xq8", (T, m), np.int8)
+    xs = _work.get("xs8", (T, ng), np.float32)
+    xc = _work.get("xc8", (T, ng), np.int32)
+    quantize_i8(X, xq, xs, xc)
+    if T <= ROW_TOKENS or ks.path == "generic":
+        ks.get("rows_i8", parallel)(q, scale, xq, xs, xc, out)
+        return
+    tiles = _tiles_of(T)
+    xt = _work.get("xt8", (tiles, ng, 16, TILE), np.int32)
+    sxt = _work.get("sxt8", (tiles, ng, TILE), np.float32)
+    vnni = ks.path in ("avx512vnni", "avxvnni")
+    tile_i8(xq, xs, vnni, xt, sxt)
+    nw = _weight_sums.of(q) if vnni else _work.get("nw0", (1, 1), np.int32)
+    ks.get("tiles_i8", parallel)(q, scale, nw, xt, sxt, out)
+
+
+def matmul_int4(q, scale, minimum, X, out, parallel: bool, path=None) -> None:
+    """out = X @ W.T for an int4 matrix (rwkvcpu/formats.py Int4).
+
+    Args:
+        q: (n, m/2) uint8 packed weights; scale, minimum: (n, m/32) uint16 (fp16 bits), C-contiguous.
+        X: (T, m) float32, C-contiguous. out: (T, n) float32, C-contiguous, written.
+        parallel, path: as matmul_int8.
+    """
+    T, m = X.shape
+    ng = m // I4_GROUP
+    ks = kernels(path)
+    xq = _work.get("xq4", (T, m), np.int8)
+    xs = _work.get("xs4", (T, ng), np.float32)
+    e = _work.get("e4", (T, ng), np.float32)
+    quantize_i4(X, xq, xs, e)
+    if T <= ROW_TOKENS or ks.path == "generic":
+        ks.get("rows_i4", parallel)(q, scale, minimum, xq, xs, e, out)
+        return
+    tiles = _tiles_of(T)
+    xt = _work.get("xt4", (tiles, ng, 8, TILE), np.int32)
+    sxt = _work.get("sxt4", (tiles, ng, TILE), np.float32)
+    et = _work.get("et4", (tiles, ng, TILE), np.float32)
+    tile_i4(xq, xs, e, xt, sxt, et)
+    ks.get("tiles_i4", parallel)(q, scale, minimum, xt, sxt, et, out)
