@@ -44,7 +44,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -65,35 +64,17 @@ def _kernels():
     return matmul
 
 
+@functools.cache
+def _quantized():
+    """rwkvcpu/kernels/qmatmul.py (int8/int4 on int8 activations), imported on the first product."""
+    from .kernels import qmatmul
+    return qmatmul
+
+
 def _u16(a):
     """fp16 data as its uint16 bit patterns: the kernels read half floats as bits."""
     a = np.ascontiguousarray(a)
     return a.view(np.uint16) if a.dtype == np.float16 else a
-
-
-class _Activations(threading.local):
-    """Per calling thread, by (tokens, input width): the int16 activations of the quantized
-    kernels, their scale per weight group, and (int4) their sum per group. The last few
-    shapes are kept, so a step of the same shape as the last allocates nothing."""
-
-    # Entries kept per format (prompts of many lengths: keep it bounded).
-    MAX_SHAPES = 64
-
-    def __init__(self):
-        self.tables = {}
-
-    def get(self, fmt: str, T: int, k: int, group: int, sums: bool):
-        table = self.tables.setdefault(fmt, {})
-        bufs = table.get((T, k))
-        if bufs is None:
-            if len(table) >= self.MAX_SHAPES:
-                table.clear()
-            bufs = table[T, k] = (np.empty((T, k), np.int16), np.empty((T, k // group), np.float32),
-                                  np.empty((T, k // group), np.float32) if sums else None)
-        return bufs
-
-
-_activations = _Activations()
 
 
 class Format:
@@ -280,12 +261,10 @@ class Int8(Format):
         out_dim, in_dim = q.shape
         return (q.reshape(out_dim, -1, cls.group).astype(np.float32) * s[:, :, None]).reshape(out_dim, in_dim)
 
-    @classmethod
-    def matmul(cls, m, X, out, parallel):
-        """out = X @ W.T, each row of X rounded to int16 per group first (kernels/matmul.py)."""
-        K = _kernels()
-        xq, xs, _ = _activations.get(cls.name, X.shape[0], X.shape[1], cls.group, sums=False)
-        (K.matmul_i8 if parallel else K.matmul_i8_serial)(m.q, m.scale, X, xq, xs, out)
+    @staticmethod
+    def matmul(m, X, out, parallel):
+        """out = X @ W.T, each row of X rounded to int8 per group first (kernels/qmatmul.py)."""
+        _quantized().matmul_int8(m.q, m.scale, X, out, parallel)
 
     @staticmethod
     def dequantize_rows(m, r0, out, parallel):
@@ -386,12 +365,10 @@ class Int4(Format):
         q = np.concatenate([pk & 0x0F, pk >> 4], axis=2).astype(np.float32)
         return (q * s[:, :, None] + m[:, :, None]).reshape(out_dim, -1)
 
-    @classmethod
-    def matmul(cls, m, X, out, parallel):
-        """out = X @ W.T, each row of X rounded to int16 per group first (kernels/matmul.py)."""
-        K = _kernels()
-        xq, xs, xsum = _activations.get(cls.name, X.shape[0], X.shape[1], cls.group, sums=True)
-        (K.matmul_i4 if parallel else K.matmul_i4_serial)(m.q, m.scale, m.min, X, xq, xs, xsum, out)
+    @staticmethod
+    def matmul(m, X, out, parallel):
+        """out = X @ W.T, each row of X rounded to int8 per group first (kernels/qmatmul.py)."""
+        _quantized().matmul_int4(m.q, m.scale, m.min, X, out, parallel)
 
     @staticmethod
     def dequantize_rows(m, r0, out, parallel):

@@ -389,10 +389,8 @@ def make_row_intrinsics(path: str):
 
 
 def make_tile_intrinsics(path: str):
-    """The token-blocked intrinsics of one CPU path: 8 tokens in the lanes of an f32x8, one weight
+    """The token-blocked intrinsics of one CPU path: 8 tokens in the lanes of a 256-bit vector, one weight
     broadcast to all of them (see qmatmul's tile layout)."""
-    from .simd import f32x8
-
     @intrinsic
     def i8_tile(typingctx, acc, q, qoff, nw, nwoff, xt, xtoff, sxt, sxoff, sw, swoff, stride, groups, rows):
         """acc[r] += the CANONICAL sum of `groups` (literal 1-4) consecutive int8 groups of row r, for
@@ -538,18 +536,3 @@ def make_tile_intrinsics(path: str):
 
     return {"i8_tile": i8_tile, "i4_tile": i4_tile}
 
-
-@intrinsic
-def prefetch_l2(typingctx, a, off):
-    """Start loading the cache line of a[off] into the L2 cache (prefetcht1; no effect on results)."""
-    if not isinstance(a, types.Array):
-        return None
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        p = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        fnty = ir.FunctionType(ir.VoidType(), [p.type, _i32, _i32, _i32])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", [p.type], fnty)
-        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
-        return context.get_dummy_value()
-    return types.none(a, off), codegen

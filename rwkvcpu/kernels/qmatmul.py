@@ -34,7 +34,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import idot, isa
-from .simd import prefetch
+from .f16 import f16_to_f32
+from .simd import prefetch, prefetch_l2
 
 # Tokens up to which the row layout is used (see the module docstring).
 ROW_TOKENS = 1
@@ -291,7 +292,7 @@ def _tiles_i8(q, scale, nw, xt, sxt, out):
             for k in range(tiles):
                 if k == 0 and ahead + TILE_ROWS * m <= n * m:
                     for off in range(ahead, ahead + TILE_ROWS * m, 64):
-                        idot.prefetch_l2(q, off)
+                        prefetch_l2(q, off)
                 if rows == TILE_ROWS:
                     _tile_rows_i8(acc, q, scale, nw, xt, sxt, k, i, ng, TILE_ROWS)
                 else:
@@ -346,7 +347,7 @@ def _tiles_i4(q, scale, minimum, xt, sxt, et, out):
             for k in range(tiles):
                 if k == 0 and ahead + TILE_ROWS * half <= n * half:
                     for off in range(ahead, ahead + TILE_ROWS * half, 64):
-                        idot.prefetch_l2(q, off)
+                        prefetch_l2(q, off)
                 if rows == TILE_ROWS:
                     _tile_rows_i4(acc, q, scale, minimum, xt, sxt, et, k, i, ng, TILE_ROWS)
                 else:
@@ -415,6 +416,33 @@ def kernels(path=None) -> PathKernels:
 
 
 quantize_i8 = njit(nogil=True, cache=True)(_quantize_i8)
+
+
+@njit(cache=True)
+def matmul_int8_reference(q, scale, X, out):
+    """What matmul_int8 computes on every path, written plainly (the specification the tests hold
+    it to, bit for bit): X's rows rounded to int8 per group of 64 (quantize_i8), each group's
+    dot product in integers, then the canonical float order of kernels/idot.py.
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), X: (T, m) f32, out: (T, n) f32"""
+    T, m = X.shape
+    n, ng = scale.shape
+    xq = np.empty((T, m), np.int8)
+    xs = np.empty((T, ng), np.float32)
+    quantize_i8(X, xq, xs, np.empty((T, ng), np.int32))
+    p = np.zeros(4, np.float32)
+    for t in range(T):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for g0 in range(0, ng, 4):
+                p[:] = 0.0
+                for k in range(min(4, ng - g0)):
+                    g = g0 + k
+                    dot = 0
+                    for j in range(64 * g, 64 * g + 64):
+                        dot += np.int32(q[i, j]) * np.int32(xq[t, j])
+                    p[k] = np.float32(dot) * (f16_to_f32(scale[i, g]) * xs[t, g])
+                acc = acc + ((p[0] + p[2]) + (p[1] + p[3]))
+            out[t, i] = acc
 quantize_i4 = njit(nogil=True, cache=True)(_quantize_i4)
 tile_i8 = njit(nogil=True, cache=True)(_tile_i8)
 tile_i4 = njit(nogil=True, cache=True)(_tile_i4)

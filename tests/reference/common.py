@@ -26,16 +26,36 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def dense_weights(config, stored):
+class RoundedInputs:
+    """A dequantized int8/int4 matrix whose products first round the vector they multiply to int8
+    levels per weight group (step max|x over the group| / 127), as rwkvcpu's int8/int4 kernels do:
+    W @ x here is W @ (rint(x / step) * step)."""
+
+    def __init__(self, w, group):
+        self.w, self.group, self.shape = w, group, w.shape
+
+    def __matmul__(self, x):
+        g = np.asarray(x, np.float64).reshape(-1, self.group)
+        step = np.abs(g).max(axis=1, keepdims=True) / 127.0
+        levels = np.rint(np.divide(g, step, out=np.zeros_like(g), where=step > 0))
+        return self.w @ (levels * step).reshape(-1)
+
+
+def dense_weights(config, stored, round_activations=False):
     """Canonical tensors as float64, matrices dequantized from their stored parts.
 
     stored: name -> array, as in a model file ("W", "W.scale", "W.min" for matrices).
+    round_activations: int8/int4 matrices (but the embedding, which is looked up) as
+        RoundedInputs, to follow the engine's int8 activations.
     """
     out = {}
     for name, (shape, kind, optional) in expected_tensors(config).items():
         if kind == MATRIX:
             parts = {sfx: stored[name + sfx] for sfx in SUFFIXES if name + sfx in stored}
-            out[name] = detect_stored_format(parts).dequantize(parts).astype(np.float64).reshape(shape)
+            fmt = detect_stored_format(parts)
+            out[name] = fmt.dequantize(parts).astype(np.float64).reshape(shape)
+            if round_activations and fmt.name in ("int8", "int4") and name != "emb.weight":
+                out[name] = RoundedInputs(out[name], fmt.group)
         elif name in stored:
             out[name] = np.asarray(stored[name], dtype=np.float64)
     return out
