@@ -305,16 +305,55 @@ def _partial_lanes(context, builder, arrty, arr, off, elem_type, count, present)
     return v
 
 
-def _groups_literal(groups):
-    if not isinstance(groups, types.IntegerLiteral) or groups.literal_value not in (1, 2, 3, 4, 16):
-        raise TypingError("groups must be a literal 1, 2, 3, 4 or 16")
-    return groups.literal_value
+def _group_counts(groups, most=16):
+    """The group counts an intrinsic call is compiled for: its literal (1-4 or 16), or 1-4 for a
+    runtime count (the code branches to the one that runs). The intrinsics prefer literals, so
+    a constant count is seen as one."""
+    if isinstance(groups, types.IntegerLiteral):
+        if groups.literal_value not in (1, 2, 3, 4, 16) or groups.literal_value > most:
+            raise TypingError(f"groups must be 1-4{' or 16' if most == 16 else ''}")
+        return (groups.literal_value,)
+    if not isinstance(groups, types.Integer):
+        raise TypingError("groups must be an integer")
+    return (1, 2, 3, 4)
+
+
+def _by_count(counts, body, none_result=None):
+    """Codegen running body(context, builder, sig, args, count) for the count of the call: the
+    literal one, or a switch over 1-4 on the runtime value (the argument at groups_index),
+    merging the results (a float, or none_result for none)."""
+    def codegen(context, builder, sig, args, groups_index):
+        if len(counts) == 1:
+            return body(context, builder, sig, args, counts[0])
+        value = args[groups_index]
+        merge = builder.append_basic_block("groups.merge")
+        default = builder.append_basic_block("groups.none")
+        switch = builder.switch(value, default)
+        results = []
+        for k in counts:
+            block = builder.append_basic_block(f"groups.{k}")
+            switch.add_case(ir.Constant(value.type, k), block)
+            builder.position_at_end(block)
+            r = body(context, builder, sig, args, k)
+            results.append((r, builder.block))
+            builder.branch(merge)
+        builder.position_at_end(default)
+        builder.branch(merge)
+        builder.position_at_end(merge)
+        if none_result is not None:
+            return none_result(context)
+        phi = builder.phi(results[0][0].type)
+        for r, block in results:
+            phi.add_incoming(r, block)
+        phi.add_incoming(args[0], default)
+        return phi
+    return codegen
 
 
 def make_row_intrinsics(path: str):
     """The row-major (one token at a time) intrinsics of one CPU path, as a dict name -> intrinsic."""
 
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def i8_row(typingctx, acc, q, qoff, x, xoff, xc, sx, goff, sw, swoff, groups):
         """acc + the CANONICAL sum of `groups` (a literal: 16, 4, or 1-3 for a row's last groups)
         consecutive int8 groups of one row: q[qoff:+64*groups] int8 weights, x[xoff:+64*groups]
@@ -322,9 +361,9 @@ def make_row_intrinsics(path: str):
         group)) and sx (f32: the activations' scales), and from swoff of sw (uint16: the row's fp16
         scales). -> float32"""
         _check(q=(q, _I8), x=(x, _I8), xc=(xc, _I32), sx=(sx, _F32), sw=(sw, _U16))
-        count = _groups_literal(groups)
+        counts = _group_counts(groups)
 
-        def codegen(context, builder, sig, args):
+        def body(context, builder, sig, args, count):
             acc_v, qa, qo, xa, xo, xca, sxa, go, swa, swo = args[:10]
             qty, xty, xcty, sxty, swty = (sig.args[k] for k in (1, 3, 5, 6, 8))
             for quad in range(max(1, count // 4)):
@@ -346,9 +385,11 @@ def make_row_intrinsics(path: str):
                 c = builder.fmul(s, _partial_lanes(context, builder, sxty, sxa, gq, _f32, 4, present))
                 acc_v = _accumulate_runs(builder, acc_v, builder.fmul(f, c))
             return acc_v
-        return types.float32(acc, q, qoff, x, xoff, xc, sx, goff, sw, swoff, groups), codegen
+        gen = _by_count(counts, body)
+        return types.float32(acc, q, qoff, x, xoff, xc, sx, goff, sw, swoff, groups), \
+            lambda context, builder, sig, args: gen(context, builder, sig, args, 10)
 
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def i4_row(typingctx, acc, q, qoff, x, xoff, sx, e, goff, sw, sm, swoff, groups):
         """acc + the CANONICAL sum of `groups` (a literal: 16, 4, or 1-3 for a row's last groups)
         consecutive int4 groups of one row: q[qoff:+16*groups] packed weights, x[xoff:+32*groups] int8
@@ -356,9 +397,9 @@ def make_row_intrinsics(path: str):
         goff of the token's sx (f32 scales) and e (f32: sx * sum(x over the group)), and from swoff
         of sw and sm (uint16: the row's fp16 scales and mins). -> float32"""
         _check(q=(q, _U8), x=(x, _I8), sx=(sx, _F32), e=(e, _F32), sw=(sw, _U16), sm=(sm, _U16))
-        count = _groups_literal(groups)
+        counts = _group_counts(groups)
 
-        def codegen(context, builder, sig, args):
+        def body(context, builder, sig, args, count):
             acc_v, qa, qo, xa, xo, sxa, ea, go, swa, sma, swo = args[:11]
             qty, xty, sxty, ety, swty, smty = (sig.args[k] for k in (1, 3, 5, 6, 8, 9))
             for quad in range(max(1, count // 4)):
@@ -383,7 +424,9 @@ def make_row_intrinsics(path: str):
                 v = builder.fmul(fp16(smty, sma), _partial_lanes(context, builder, ety, ea, gq, _f32, 4, present))
                 acc_v = _accumulate_runs(builder, acc_v, builder.fadd(builder.fmul(f, c), v))
             return acc_v
-        return types.float32(acc, q, qoff, x, xoff, sx, e, goff, sw, sm, swoff, groups), codegen
+        gen = _by_count(counts, body)
+        return types.float32(acc, q, qoff, x, xoff, sx, e, goff, sw, sm, swoff, groups), \
+            lambda context, builder, sig, args: gen(context, builder, sig, args, 11)
 
     return {"i8_row": i8_row, "i4_row": i4_row}
 
@@ -391,7 +434,7 @@ def make_row_intrinsics(path: str):
 def make_tile_intrinsics(path: str):
     """The token-blocked intrinsics of one CPU path: 8 tokens in the lanes of a 256-bit vector, one weight
     broadcast to all of them (see qmatmul's tile layout)."""
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def i8_tile(typingctx, acc, q, qoff, nw, nwoff, xt, xtoff, sxt, sxoff, sw, swoff, stride, groups, rows):
         """acc[r] += the CANONICAL sum of `groups` (literal 1-4) consecutive int8 groups of row r, for
         `rows` (a literal) consecutive rows and the tile's 8 tokens: acc (rows, 8) f32 (token lanes),
@@ -404,13 +447,13 @@ def make_tile_intrinsics(path: str):
         The weights' 4-byte words are broadcast to the 8 token lanes (vpdpbusd's {1to8} operand);
         the rows and groups are independent chains of integer multiply-adds, interleaved."""
         _check(acc=(acc, _F32), q=(q, _I8), nw=(nw, _I32), xt=(xt, _I32), sxt=(sxt, _F32), sw=(sw, _U16))
-        count = _groups_literal(groups)
-        if count > 4 or not isinstance(rows, types.IntegerLiteral):
-            raise TypingError("groups must be a literal 1-4 and rows a literal")
+        counts = _group_counts(groups, most=4)
+        if not isinstance(rows, types.IntegerLiteral):
+            raise TypingError("rows must be a literal")
         R = rows.literal_value
         vnni = path in ("avx512vnni", "avxvnni")
 
-        def codegen(context, builder, sig, args):
+        def body(context, builder, sig, args, count):
             acca, qa, qo, nwa, nwo, xta, xto, sxa, sxo, swa, swo, st = args[:12]
             accty, qty, nwty, xtty, sxty, swty = (sig.args[k] for k in (0, 1, 3, 5, 7, 9))
             qdata = context.make_array(qty)(context, builder, qa).data
@@ -460,9 +503,11 @@ def make_tile_intrinsics(path: str):
                 ptr = _ptr(context, builder, accty, acca, ir.Constant(qo.type, 8 * r), _f32, 8)
                 builder.store(builder.fadd(builder.load(ptr, align=4), total), ptr, align=4)
             return context.get_dummy_value()
-        return types.none(acc, q, qoff, nw, nwoff, xt, xtoff, sxt, sxoff, sw, swoff, stride, groups, rows), codegen
+        gen = _by_count(counts, body, none_result=lambda context: context.get_dummy_value())
+        return types.none(acc, q, qoff, nw, nwoff, xt, xtoff, sxt, sxoff, sw, swoff, stride, groups, rows), \
+            lambda context, builder, sig, args: gen(context, builder, sig, args, 12)
 
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def i4_tile(typingctx, acc, q, qoff, xt, xtoff, sxt, et, sxoff, sw, sm, swoff, stride, groups, rows):
         """acc[r] += the CANONICAL sum of `groups` (literal 1-4) consecutive int4 groups of row r, for
         `rows` (a literal) consecutive rows and the tile's 8 tokens: acc (rows, 8) f32, q[qoff + r *
@@ -472,13 +517,13 @@ def make_tile_intrinsics(path: str):
         stride:] each row's fp16 scales and mins. Nibbles are unsigned: no correction term."""
         _check(acc=(acc, _F32), q=(q, _U8), xt=(xt, _I32), sxt=(sxt, _F32), et=(et, _F32), sw=(sw, _U16),
                sm=(sm, _U16))
-        count = _groups_literal(groups)
-        if count > 4 or not isinstance(rows, types.IntegerLiteral):
-            raise TypingError("groups must be a literal 1-4 and rows a literal")
+        counts = _group_counts(groups, most=4)
+        if not isinstance(rows, types.IntegerLiteral):
+            raise TypingError("rows must be a literal")
         R = rows.literal_value
         vnni = path in ("avx512vnni", "avxvnni")
 
-        def codegen(context, builder, sig, args):
+        def body(context, builder, sig, args, count):
             acca, qa, qo, xta, xto, sxa, eta, sxo, swa, sma, swo, st = args[:12]
             accty, qty, xtty, sxty, etty, swty, smty = (sig.args[k] for k in (0, 1, 3, 5, 6, 8, 9))
             qdata = context.make_array(qty)(context, builder, qa).data
@@ -532,7 +577,9 @@ def make_tile_intrinsics(path: str):
                 ptr = _ptr(context, builder, accty, acca, ir.Constant(qo.type, 8 * r), _f32, 8)
                 builder.store(builder.fadd(builder.load(ptr, align=4), total), ptr, align=4)
             return context.get_dummy_value()
-        return types.none(acc, q, qoff, xt, xtoff, sxt, et, sxoff, sw, sm, swoff, stride, groups, rows), codegen
+        gen = _by_count(counts, body, none_result=lambda context: context.get_dummy_value())
+        return types.none(acc, q, qoff, xt, xtoff, sxt, et, sxoff, sw, sm, swoff, stride, groups, rows), \
+            lambda context, builder, sig, args: gen(context, builder, sig, args, 12)
 
     return {"i8_tile": i8_tile, "i4_tile": i4_tile}
 

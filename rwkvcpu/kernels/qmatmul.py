@@ -26,8 +26,11 @@ per call once a shape has been seen. Example:
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import threading
 import weakref
+from pathlib import Path
 from types import FunctionType
 
 import numpy as np
@@ -181,8 +184,9 @@ def _negated_sums_i8(q, nw):
 
 
 # ------------------------------------------------------------------ kernels
-# Written once; _specialize binds the intrinsics of one CPU path (i8_row, i8_tile, ...).
-# The literal group counts (16, 4, 3, 2, 1) make each call a fixed piece of straight-line code.
+# Written once; _specialize binds the intrinsics of one CPU path (i8_row, i8_tile, ...). Groups go
+# 16 at a time (a literal: straight-line code), then up to 4 (a runtime count the intrinsic
+# branches on).
 
 def _rows_i8(q, scale, xq, xs, xc, out):
     """out[t, i] = sum over groups g (canonical order, kernels/idot.py) of
@@ -198,16 +202,10 @@ def _rows_i8(q, scale, xq, xs, xc, out):
             while g + 16 <= ng:
                 acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 16)
                 g += 16
-            while g + 4 <= ng:
-                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 4)
+            while g < ng:
+                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g,
+                             min(4, ng - g))
                 g += 4
-            rest = ng - g
-            if rest == 3:
-                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 3)
-            elif rest == 2:
-                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 2)
-            elif rest == 1:
-                acc = i8_row(acc, q, i * m + 64 * g, xq, t * m + 64 * g, xc, xs, t * ng + g, scale, i * ng + g, 1)
             out[t, i] = acc
 
 
@@ -230,50 +228,11 @@ def _rows_i4(q, scale, minimum, xq, xs, e, out):
                 acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
                              i * ng + g, 16)
                 g += 16
-            while g + 4 <= ng:
+            while g < ng:
                 acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
-                             i * ng + g, 4)
+                             i * ng + g, min(4, ng - g))
                 g += 4
-            rest = ng - g
-            if rest == 3:
-                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
-                             i * ng + g, 3)
-            elif rest == 2:
-                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
-                             i * ng + g, 2)
-            elif rest == 1:
-                acc = i4_row(acc, q, i * half + 16 * g, xq, t * m + 32 * g, xs, e, t * ng + g, scale, minimum,
-                             i * ng + g, 1)
             out[t, i] = acc
-
-
-def _tile_rows_i8(acc, q, scale, nw, xt, sxt, k, i, ng, rows):
-    """acc[r, l] = row i + r (r < rows: TILE_ROWS, or 1) for the 8 tokens of tile k."""
-    m = q.shape[1]
-    acc[:] = 0.0
-    g = 0
-    while g + 4 <= ng:
-        if rows == TILE_ROWS:
-            i8_tile(acc, q, i * m + 64 * g, nw, i * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
-                    scale, i * ng + g, ng, 4, TILE_ROWS)
-        else:
-            i8_tile(acc, q, i * m + 64 * g, nw, i * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
-                    scale, i * ng + g, ng, 4, 1)
-        g += 4
-    rest = ng - g
-    for r in range(rows):
-        # The last 1-3 groups one row at a time: rare (widths that are not a multiple of 256).
-        a = acc[r:r + 1]
-        j = i + r
-        if rest == 3:
-            i8_tile(a, q, j * m + 64 * g, nw, j * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
-                    scale, j * ng + g, ng, 3, 1)
-        elif rest == 2:
-            i8_tile(a, q, j * m + 64 * g, nw, j * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
-                    scale, j * ng + g, ng, 2, 1)
-        elif rest == 1:
-            i8_tile(a, q, j * m + 64 * g, nw, j * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
-                    scale, j * ng + g, ng, 1, 1)
 
 
 def _tiles_i8(q, scale, nw, xt, sxt, out):
@@ -283,52 +242,22 @@ def _tiles_i8(q, scale, nw, xt, sxt, out):
     n, m = q.shape
     T = out.shape[0]
     ng = scale.shape[1]
-    tiles = xt.shape[0]
     for b in prange((n + ROWS - 1) // ROWS):
         acc = np.empty((TILE_ROWS, TILE), np.float32)
         for i in range(b * ROWS, min(n, b * ROWS + ROWS), TILE_ROWS):
             rows = min(TILE_ROWS, n - i)
-            ahead = (i + PREFETCH_ROWS) * m
-            for k in range(tiles):
-                if k == 0 and ahead + TILE_ROWS * m <= n * m:
-                    for off in range(ahead, ahead + TILE_ROWS * m, 64):
-                        prefetch_l2(q, off)
-                if rows == TILE_ROWS:
-                    _tile_rows_i8(acc, q, scale, nw, xt, sxt, k, i, ng, TILE_ROWS)
-                else:
-                    for r in range(rows):
-                        _tile_rows_i8(acc[r:r + 1], q, scale, nw, xt, sxt, k, i + r, ng, 1)
-                for r in range(rows):
-                    for l in range(min(TILE, T - TILE * k)):
-                        out[TILE * k + l, i + r] = acc[r, l]
-
-
-def _tile_rows_i4(acc, q, scale, minimum, xt, sxt, et, k, i, ng, rows):
-    """acc[r, l] = row i + r (r < rows: TILE_ROWS, or 1) for the 8 tokens of tile k."""
-    half = q.shape[1]
-    acc[:] = 0.0
-    g = 0
-    while g + 4 <= ng:
-        if rows == TILE_ROWS:
-            i4_tile(acc, q, i * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
-                    scale, minimum, i * ng + g, ng, 4, TILE_ROWS)
-        else:
-            i4_tile(acc, q, i * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
-                    scale, minimum, i * ng + g, ng, 4, 1)
-        g += 4
-    rest = ng - g
-    for r in range(rows):
-        a = acc[r:r + 1]
-        j = i + r
-        if rest == 3:
-            i4_tile(a, q, j * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
-                    scale, minimum, j * ng + g, ng, 3, 1)
-        elif rest == 2:
-            i4_tile(a, q, j * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
-                    scale, minimum, j * ng + g, ng, 2, 1)
-        elif rest == 1:
-            i4_tile(a, q, j * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
-                    scale, minimum, j * ng + g, ng, 1, 1)
+            _prefetch_rows(q, (i + PREFETCH_ROWS) * m, TILE_ROWS * m)
+            for k in range(xt.shape[0]):
+                acc[:] = 0.0
+                for g in range(0, ng, 4):
+                    if rows == TILE_ROWS:
+                        i8_tile(acc, q, i * m + 64 * g, nw, i * ng + g, xt, (k * ng + g) * 128, sxt, (k * ng + g) * 8,
+                                scale, i * ng + g, ng, min(4, ng - g), TILE_ROWS)
+                    else:
+                        for r in range(rows):
+                            i8_tile(acc[r:], q, (i + r) * m + 64 * g, nw, (i + r) * ng + g, xt, (k * ng + g) * 128,
+                                    sxt, (k * ng + g) * 8, scale, (i + r) * ng + g, ng, min(4, ng - g), 1)
+                _store_tile(acc, k, i, rows, out)
 
 
 def _tiles_i4(q, scale, minimum, xt, sxt, et, out):
@@ -338,37 +267,56 @@ def _tiles_i4(q, scale, minimum, xt, sxt, et, out):
     n, half = q.shape
     T = out.shape[0]
     ng = scale.shape[1]
-    tiles = xt.shape[0]
     for b in prange((n + ROWS - 1) // ROWS):
         acc = np.empty((TILE_ROWS, TILE), np.float32)
         for i in range(b * ROWS, min(n, b * ROWS + ROWS), TILE_ROWS):
             rows = min(TILE_ROWS, n - i)
-            ahead = (i + PREFETCH_ROWS) * half
-            for k in range(tiles):
-                if k == 0 and ahead + TILE_ROWS * half <= n * half:
-                    for off in range(ahead, ahead + TILE_ROWS * half, 64):
-                        prefetch_l2(q, off)
-                if rows == TILE_ROWS:
-                    _tile_rows_i4(acc, q, scale, minimum, xt, sxt, et, k, i, ng, TILE_ROWS)
-                else:
-                    for r in range(rows):
-                        _tile_rows_i4(acc[r:r + 1], q, scale, minimum, xt, sxt, et, k, i + r, ng, 1)
-                for r in range(rows):
-                    for l in range(min(TILE, T - TILE * k)):
-                        out[TILE * k + l, i + r] = acc[r, l]
+            _prefetch_rows(q, (i + PREFETCH_ROWS) * half, TILE_ROWS * half)
+            for k in range(xt.shape[0]):
+                acc[:] = 0.0
+                for g in range(0, ng, 4):
+                    if rows == TILE_ROWS:
+                        i4_tile(acc, q, i * half + 16 * g, xt, (k * ng + g) * 64, sxt, et, (k * ng + g) * 8,
+                                scale, minimum, i * ng + g, ng, min(4, ng - g), TILE_ROWS)
+                    else:
+                        for r in range(rows):
+                            i4_tile(acc[r:], q, (i + r) * half + 16 * g, xt, (k * ng + g) * 64, sxt, et,
+                                    (k * ng + g) * 8, scale, minimum, (i + r) * ng + g, ng, min(4, ng - g), 1)
+                _store_tile(acc, k, i, rows, out)
+
+
+@njit(nogil=True, cache=True)
+def _prefetch_rows(q, start, size):
+    """Prefetch q's flat bytes [start, start + size) into L2, where they exist."""
+    if start + size <= q.size:
+        for off in range(start, start + size, 64):
+            prefetch_l2(q, off)
+
+
+@njit(nogil=True, cache=True)
+def _store_tile(acc, k, i, rows, out):
+    """out[8k + l, i + r] = acc[r, l] for the tile's tokens.   acc: (TILE_ROWS, 8) f32, out: (T, n) f32"""
+    for r in range(rows):
+        for l in range(min(TILE, out.shape[0] - TILE * k)):
+            out[TILE * k + l, i + r] = acc[r, l]
 
 
 # ------------------------------------------------------------ compilation
 
-def _specialize(f, path: str, parallel: bool, helpers=()):
-    """f compiled for one CPU path: its globals see that path's intrinsics (and `helpers`,
-    themselves specialized, by name). Each variant gets a name of its own: numba's disk
-    cache is keyed by name, not by globals."""
+# numba's disk cache knows a kernel by its name and its own file's timestamp, not by the
+# intrinsics (kernels/idot.py) it inlines: a digest of both files in the names keeps a
+# kernel cached before idot.py changed from being loaded after.
+_SOURCE_TAG = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (idot, sys.modules[__name__]))).hexdigest()[:10]
+
+
+def _specialize(f, path: str, parallel: bool):
+    """f compiled for one CPU path: its globals see that path's intrinsics. Each variant gets
+    a name of its own (path, variant, _SOURCE_TAG): numba's disk cache is keyed by name, not
+    by globals."""
     glb = dict(f.__globals__)
     glb.update(idot.make_row_intrinsics(path))
     glb.update(idot.make_tile_intrinsics(path))
-    glb.update(helpers)
-    name = f"{f.__name__}_{path}_{'parallel' if parallel else 'serial'}"
+    name = f"{f.__name__}_{path}_{'parallel' if parallel else 'serial'}_{_SOURCE_TAG}"
     g = FunctionType(f.__code__, glb, name, f.__defaults__, f.__closure__)
     g.__qualname__ = name
     g.__doc__ = f.__doc__
@@ -381,7 +329,6 @@ class PathKernels:
     """The kernels of one CPU path, each compiled on first use (serial and parallel apart)."""
 
     _SOURCES = {"rows_i8": _rows_i8, "rows_i4": _rows_i4, "tiles_i8": _tiles_i8, "tiles_i4": _tiles_i4}
-    _HELPERS = {"tiles_i8": ("_tile_rows_i8", _tile_rows_i8), "tiles_i4": ("_tile_rows_i4", _tile_rows_i4)}
 
     def __init__(self, path: str):
         self.path = path
@@ -395,11 +342,7 @@ class PathKernels:
             with self._lock:
                 fn = self._compiled.get(key)
                 if fn is None:
-                    helpers = {}
-                    if name in self._HELPERS:
-                        hname, hsrc = self._HELPERS[name]
-                        helpers[hname] = _specialize(hsrc, self.path, False)
-                    fn = self._compiled[key] = _specialize(self._SOURCES[name], self.path, parallel, helpers)
+                    fn = self._compiled[key] = _specialize(self._SOURCES[name], self.path, parallel)
         return fn
 
 
