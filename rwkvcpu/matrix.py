@@ -69,9 +69,9 @@ def matmul(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = X @ W.T for a block of T tokens; T = 1 is a matrix-vector product.
 
     Every int8/int4 matrix, and fp32/fp16 matrices under 1 MB, use the
-    engine's kernel for their format (kernels/matmul.py) whatever T is: row t
+    engine's kernel for their format (kernels/matmul.py, kernels/qmatmul.py) whatever T is: row t
     of the result is, to the bit, what token t alone gives, whichever tokens
-    share the block. (int8/int4 kernels round each row of X to int16 per
+    share the block. (int8/int4 kernels round each row of X to int8 per
     weight group first.) Larger fp32/fp16 matrices take one BLAS GEMM for
     T > 1 (`gemm`), which sums in another order: float32 rounding apart.
 
