@@ -107,7 +107,12 @@ def test_dtype_requantizes_in_memory(tmp_path):
     assert int8.fingerprint == fp32.fingerprint
     a, _ = fp32.forward([1, 2, 3])
     b, _ = int8.forward([1, 2, 3])
-    assert 0 < np.abs(a - b).max() < 0.1
+    # The same numbers as a file converted to int8 from the same weights...
+    stored, _, _ = _make(tmp_path, "v5.2", dtype="int8")
+    np.testing.assert_array_equal(b, rwkvcpu.load(stored).forward([1, 2, 3])[0])
+    # ...and close to fp32: int8 rounds the weights and, in the products, the activations
+    # (each by half a step of max|group| / 127); 0.11 measured on this random model.
+    assert 0 < np.abs(a - b).max() < 0.3
     with pytest.raises(ModelFormatError, match="int3"):
         rwkvcpu.load(path, dtype="int3")
 
