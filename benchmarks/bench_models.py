@@ -44,8 +44,11 @@ SHAPES = {
 DTYPES = ("fp32", "fp16", "int8", "int4")
 # Tokens fed to every dtype of a shape for the KL comparison.
 KL_TOKENS = 64
-# The targets of issue 5, checked on this shape.
+# The targets of issues 5 and 13, checked on this shape.
 TARGET_SHAPE = "v7-0.4b"
+# rwkv.cpp's formats that pair with ours (the optional peer column, --rwkv-cpp), and the commit measured.
+PEER_FORMATS = {"fp16": "FP16", "int8": "Q8_0", "int4": "Q4_0"}
+PEER_SOURCE = "rwkv.cpp 4358e70 (ggml c8bd0fe), built with its default native flags"
 # A v7 model with the 0.1B model's 12 layers and every call of its decode step,
 # but 64-wide: its time per token is the Python and dispatch overhead.
 OVERHEAD_SHAPE = ("v7", 12, 64, 256)
@@ -267,6 +270,45 @@ def _bench_cmd(path, threads, tokens, prompt, bandwidth=True):
         ([] if bandwidth else ["--no-bandwidth"])
 
 
+def _peer_cmd(root, path, threads, tokens, prompt):
+    """The rwkv.cpp worker on one of its model files (benchmarks/rwkvcpp_worker.py)."""
+    return [sys.executable, str(HERE / "rwkvcpp_worker.py"), str(root), str(path), "--threads", str(threads),
+            "--tokens", str(tokens), "--prompt", str(prompt)]
+
+
+def make_peer_models(root, work: Path, name: str, pth: Path, log) -> dict:
+    """rwkv.cpp's files of a shape (its own converter and quantizer, through the worker): dtype -> path."""
+    paths = {}
+    for dtype, fmt in PEER_FORMATS.items():
+        out = work / f"{name}-rwkvcpp-{fmt}.bin"
+        if not out.exists():
+            t = time.perf_counter()
+            subprocess.run([sys.executable, str(HERE / "rwkvcpp_worker.py"), str(root), str(out), "--make-from",
+                            str(pth)], check=True, capture_output=True)
+            log(f"  rwkv.cpp {fmt} made in {time.perf_counter() - t:.0f} s")
+        paths[dtype] = out
+    return paths
+
+
+def _keep_best(rows: dict, key: str, r: dict) -> None:
+    """rows[key] = the run with the lower decode time; its prefill the best of both."""
+    old = rows.get(key)
+    if old is None:
+        rows[key] = r
+        return
+    best = dict(r if r["decode_ms"] < old["decode_ms"] else old)
+    best["prefill_tok_s"] = max(r["prefill_tok_s"], old["prefill_tok_s"])
+    best["rounds"] = old.get("rounds", 1) + 1
+    rows[key] = best
+
+
+def blocks_worker(path, threads: int) -> dict:
+    """benchmarks/bench_blocks.py on a model, in a fresh process: block costs and per-kernel times."""
+    r, busy = run_json([sys.executable, str(HERE / "bench_blocks.py"), str(path), "--threads", str(threads),
+                        "--json", "--profile", "1,8"])
+    return r | {"busy": busy}
+
+
 # ------------------------------------------------------------------ report
 
 # Other benchmarks (bench_serve.py) keep their own sections of RESULTS.md between these markers;
@@ -304,7 +346,7 @@ def replace_section(path: Path, title: str, body: str) -> None:
     path.write_text(text)
 
 
-def _row(shape, dtype, r, ref, kl):
+def _row(shape, dtype, r, ref, kl, peer=None):
     bw = r["bandwidth_gbs"] * 1e9
     floor = r["weight_bytes_per_token"] / bw * 1e3
     cells = [shape, dtype, f"{r['file_bytes'] / 1e6:.0f}", f"{r['load_s']:.2f}", f"{r['ttft_s']:.2f}",
@@ -314,6 +356,8 @@ def _row(shape, dtype, r, ref, kl):
              f"{r['peak_rss_bytes'] / 1e6:.0f} ({100 * r['peak_rss_bytes'] / r['file_bytes']:.0f}%)",
              f"{ref['decode_ms'] / r['decode_ms']:.1f}x" if ref else "",
              f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.1f}x" if ref else "",
+             f"{peer['decode_ms'] / r['decode_ms']:.2f}x" if peer else "",
+             f"{r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x" if peer else "",
              kl, f"{100 * r['busy']:.0f}%"]
     return "| " + " | ".join(cells) + " |"
 
@@ -357,22 +401,29 @@ def report(results: dict, info: dict, args, elapsed: float) -> str:
         "other processes took during that measurement, as a share of all cores.",
         "",
         "| shape | dtype | file MB | load s | TTFT s | decode ms | tok/s | bandwidth GB/s | roofline ms | "
-        "% of roofline | prefill tok/s | peak RSS MB | decode vs ref | prefill vs ref | KL vs fp32 | busy |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "% of roofline | prefill tok/s | peak RSS MB | decode vs ref | prefill vs ref | decode vs rwkv.cpp | "
+        "prefill vs rwkv.cpp | KL vs fp32 | busy |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "---: | ---: | ---: |",
     ]
+    peers = results.get("peer", {})
     for shape, rows in results["models"].items():
         ref = rows.get("reference")
+        peer = peers.get(shape, {})
         for dtype in DTYPES:
             if dtype in rows:
                 kl = rows.get("kl", {}).get(dtype)
                 kl_cell = "" if dtype == "fp32" else (f"{kl['kl']:.2e} ({100 * kl['top1_agree']:.0f}%)" if kl else "")
-                lines.append(_row(shape, dtype, rows[dtype], ref, kl_cell))
+                lines.append(_row(shape, dtype, rows[dtype], ref, kl_cell, peer.get(dtype)))
+        for dtype, p in peer.items():
+            lines.append(_row(shape, f"rwkv.cpp {PEER_FORMATS[dtype]}",
+                              p | {"weight_bytes_per_token": p["file_bytes"] - _embedding_bytes(rows)}, None, ""))
         if ref:
             lines.append(_row(shape, "reference fp32", ref | {"weight_bytes_per_token": rows["fp32"]["weight_bytes_per_token"]},
                               None, ""))
     for shape, why in results.get("skipped", {}).items():
         lines.append(f"\n{shape}: not measured: {why}")
-    lines += ["", *targets(results), "", *NOTES, ""]
+    lines += ["", *targets_13(results), *speed_sections(results), *targets(results), "", *NOTES, *peer_notes(results), ""]
     census = results.get("census")
     if census:
         lines += [
@@ -406,6 +457,121 @@ def report(results: dict, info: dict, args, elapsed: float) -> str:
                              f"{100 * ov[dtype]['decode_ms'] / big['decode_ms']:.0f}% |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _embedding_bytes(rows: dict) -> int:
+    """fp16 embedding bytes less one row: what a decode step does not read (rwkv.cpp keeps emb and
+    head in FP16 in every format; the fp16 row's file tells how big that is)."""
+    fp16 = rows.get("fp16")
+    if not fp16:
+        return 0
+    return (fp16["file_bytes"] - fp16["weight_bytes_per_token"])
+
+
+def _ratio(a, b):
+    return a / b if a and b else float("nan")
+
+
+def targets_13(results: dict) -> list:
+    """Issue 13's targets, from this run's same-run ratios."""
+    rows = results["models"].get(TARGET_SHAPE, {})
+    peer = results.get("peer", {}).get(TARGET_SHAPE, {})
+    small = results["models"].get("v7-0.1b", {})
+    out = [f"## Targets of issue 13 ({TARGET_SHAPE} unless named; ratios from this run)", "",
+           "| target | measured | met |", "| --- | --- | --- |"]
+
+    def add(name, value, ok):
+        out.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
+
+    for dtype, want in (("int8", 2.0), ("int4", 2.2)):
+        if dtype in rows and dtype in peer:
+            r = _ratio(peer[dtype]["decode_ms"], rows[dtype]["decode_ms"])
+            add(f"{dtype} decode >= {want}x rwkv.cpp {PEER_FORMATS[dtype]}",
+                f"{r:.2f}x ({rows[dtype]['decode_ms']:.1f} vs {peer[dtype]['decode_ms']:.1f} ms)", r >= want)
+    if "int8" in small:
+        r = small["int8"]
+        floor = r["weight_bytes_per_token"] / (r["bandwidth_gbs"] * 1e9) * 1e3
+        add("v7-0.1b int8 decode >= 75% of its roofline",
+            f"{100 * floor / r['decode_ms']:.0f}% ({r['decode_ms']:.1f} ms vs floor {floor:.1f} ms at "
+            f"{r['bandwidth_gbs']:.1f} GB/s)", floor / r["decode_ms"] >= 0.75)
+    faster = [(shape, rs["int4"]["decode_ms"], rs["int8"]["decode_ms"]) for shape, rs in results["models"].items()
+              if "int4" in rs and "int8" in rs]
+    if faster:
+        add("int4 decode faster than int8 at every shape",
+            ", ".join(f"{shape} {a:.1f} vs {b:.1f} ms" for shape, a, b in faster), all(a < b for _, a, b in faster))
+    if "int8" in rows and "int8" in peer:
+        r = _ratio(rows["int8"]["prefill_tok_s"], peer["int8"]["prefill_tok_s"])
+        add("512-token prefill in int8 >= 3x rwkv.cpp Q8_0",
+            f"{r:.2f}x ({rows['int8']['prefill_tok_s']:.0f} vs {peer['int8']['prefill_tok_s']:.0f} tokens/s)", r >= 3)
+    blocks = results.get("blocks", {}).get("blocks")
+    if blocks:
+        fwd = {int(k): v for k, v in blocks["forward"].items()}
+        step = {int(k): v for k, v in blocks.get("step", {}).items()}
+        add("8 prompt tokens <= 1.6x one token (int8)", f"{fwd[8] / fwd[1]:.2f}x ({fwd[8]:.1f} vs {fwd[1]:.1f} ms)",
+            fwd[8] / fwd[1] <= 1.6)
+        if 8 in step and 1 in step:
+            add("8 sequences' step <= 1.6x one sequence's (int8)",
+                f"{step[8] / step[1]:.2f}x ({step[8]:.1f} vs {step[1]:.1f} ms)", step[8] / step[1] <= 1.6)
+    start = results.get("startup")
+    if start:
+        add("cold first start of `rwkvcpu generate` (shipped model) <= 2.5 s", f"{start['cold_s']:.2f} s",
+            start["cold_s"] <= 2.5)
+        add("warm start <= 0.8 s", f"{start['warm_s']:.2f} s", start["warm_s"] <= 0.8)
+    return out + [""]
+
+
+def speed_sections(results: dict) -> list:
+    """Block costs, the per-kernel profile and start-up times."""
+    out = []
+    b = results.get("blocks")
+    if b:
+        fwd = {int(k): v for k, v in b["blocks"]["forward"].items()}
+        step = {int(k): v for k, v in b["blocks"].get("step", {}).items()}
+        out += ["## Blocks of tokens", "",
+                f"{TARGET_SHAPE} int8, {results.get('threads', '')} threads (`python benchmarks/bench_blocks.py`): "
+                "a call of `forward` with T tokens of one sequence, and of `step` with T sequences of one token "
+                f"each (median ms; busy {100 * b['busy']:.0f}%).", "",
+                "| T | one sequence, T tokens: ms | vs T = 1 | T sequences, 1 token each: ms | vs 1 sequence |",
+                "| ---: | ---: | ---: | ---: | ---: |"]
+        for T, ms in fwd.items():
+            s = step.get(T)
+            out.append(f"| {T} | {ms:.2f} | {ms / fwd[1]:.2f}x | {'' if s is None else f'{s:.2f}'} | "
+                       f"{'' if s is None else f'{s / step[1]:.2f}x'} |")
+        out += ["", "Where the time goes, ms per call (the generation's calls wrapped with timers; 'python and "
+                "dispatch' is the rest of the call):", ""]
+        prof = {int(k): v for k, v in b.get("profile", {}).items()}
+        names = list(dict.fromkeys(k for p in prof.values() for k in p["ms"]))
+        out += ["| kernel | " + " | ".join(f"T = {T}" for T in prof) + " |",
+                "| --- | " + " | ".join("---:" for _ in prof) + " |"]
+        for name in names:
+            out.append(f"| {name} | " + " | ".join(f"{p['ms'].get(name, 0):.2f}" for p in prof.values()) + " |")
+        out.append("| total | " + " | ".join(f"{p['total']:.2f}" for p in prof.values()) + " |")
+        out.append("")
+    start = results.get("startup")
+    if start:
+        out += ["## First start", "",
+                f"`{start['command']}` in a fresh process, from its start to its exit (median of {start['runs']}): "
+                "cold with numba's kernel cache empty (every kernel the first token needs is compiled), warm "
+                "with the cache that run filled.", "",
+                "| numba cache | seconds |", "| --- | ---: |",
+                f"| cold | {start['cold_s']:.2f} |", f"| warm | {start['warm_s']:.2f} |", ""]
+    return out
+
+
+def peer_notes(results: dict) -> list:
+    if not results.get("peer"):
+        return []
+    info = results.get("peer_info", {})
+    return [
+        f"- **rwkv.cpp.** {PEER_SOURCE}, outside this repository (`--rwkv-cpp DIR`); its CPU features: "
+        f"{info.get('system_info', '?')}. Its files come from the same .pth through its own converter and "
+        "quantizer (layer 0's unused v0/v1/v2 dropped, which its loader rejects); it keeps the embedding and the "
+        "head in FP16 in every format and the low-rank matrices in FP16. Timed by benchmarks/rwkvcpp_worker.py: "
+        "`rwkv_eval` one token at a time, a prompt with `rwkv_eval_sequence_in_chunks` (chunks of 64), at the "
+        "same threads. Each pair of rows was measured alternately, ours then rwkv.cpp's, "
+        f"{info.get('rounds', 1)} times; each side keeps its fastest decode and prefill. Its rows' roofline "
+        "counts its file less the embedding.",
+    ]
 
 
 def _rss_bound(results: dict, rows: dict) -> str:
@@ -534,6 +700,8 @@ def main():
                     help="where the models are written (kept between runs)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--no-reference", action="store_true", help="skip the reference package")
+    ap.add_argument("--rwkv-cpp", metavar="DIR", help="also time rwkv.cpp, built by hand in DIR (see rwkvcpp_worker.py)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --rwkv-cpp: alternate ours and rwkv.cpp's this often")
     ap.add_argument("--from-json", metavar="JSON", help="only rewrite --out from a run's .json")
     ap.add_argument("--kl-worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -561,7 +729,7 @@ def main():
 
     info = machine()
     log(f"machine: {info.get('cpu')}, {args.threads} threads")
-    results = {"bandwidth": [], "models": {}, "skipped": {}}
+    results = {"bandwidth": [], "models": {}, "skipped": {}, "peer": {}, "threads": args.threads}
     results["bandwidth"].append(bandwidth(args.threads))
     log(f"bandwidth: {results['bandwidth'][0][args.threads] / 1e9:.1f} GB/s")
 
@@ -578,10 +746,21 @@ def main():
         log(f"{name}: models")
         paths = make_models(work, name, shape, log)
         rows = results["models"][name] = {}
-        for dtype in DTYPES:
-            rows[dtype] = r = measured(_bench_cmd(paths[dtype], args.threads, args.tokens, args.prompt))
-            log(f"{name} {dtype}: decode {r['decode_ms']:.1f} ms ({r['bandwidth_gbs']:.1f} GB/s), prefill "
-                f"{r['prefill_tok_s']:.0f} tok/s, load {r['load_s']:.2f} s (busy {100 * r['busy']:.0f}%)")
+        peer_paths = make_peer_models(args.rwkv_cpp, work, name, paths["pth"], log) if args.rwkv_cpp else {}
+        peer = results["peer"].setdefault(name, {}) if args.rwkv_cpp else {}
+        for _ in range(args.rounds if args.rwkv_cpp else 1):
+            for dtype in DTYPES:
+                r = measured(_bench_cmd(paths[dtype], args.threads, args.tokens, args.prompt))
+                _keep_best(rows, dtype, r)
+                log(f"{name} {dtype}: decode {r['decode_ms']:.1f} ms ({r['bandwidth_gbs']:.1f} GB/s), prefill "
+                    f"{r['prefill_tok_s']:.0f} tok/s, load {r['load_s']:.2f} s (busy {100 * r['busy']:.0f}%)")
+                if dtype in peer_paths:
+                    p = measured(_peer_cmd(args.rwkv_cpp, peer_paths[dtype], args.threads, args.tokens, args.prompt))
+                    p["bandwidth_gbs"] = bandwidth(args.threads)[args.threads] / 1e9
+                    results["peer_info"] = {"system_info": p.pop("system_info", "?"), "rounds": args.rounds}
+                    _keep_best(peer, dtype, p)
+                    log(f"{name} rwkv.cpp {PEER_FORMATS[dtype]}: decode {p['decode_ms']:.1f} ms, prefill "
+                        f"{p['prefill_tok_s']:.0f} tok/s (busy {100 * p['busy']:.0f}%)")
         if not args.no_reference:
             env = dict(os.environ, RWKV_V7_ON="1" if shape[0] == "v7" else "0", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
             ref = measured([sys.executable, str(HERE / "reference_worker.py"), str(paths["pth"]),
@@ -595,12 +774,17 @@ def main():
         rows["kl"] = {d: kl[str(paths[d])] for d in DTYPES[1:]}
         log(f"{name} KL vs fp32: " + ", ".join(f"{d} {rows['kl'][d]['kl']:.2e}" for d in DTYPES[1:]))
         if name == TARGET_SHAPE:
+            results["blocks"] = blocks_worker(paths["int8"], args.threads)
+            log("blocks: " + ", ".join(f"T={T} {ms:.1f} ms" for T, ms in results["blocks"]["blocks"]["forward"].items()))
             results["census"] = thread_census(paths["int8"], args.threads)
             log("threads running at once (share of samples): " + ", ".join(
                 f"{k}: {100 * v:.1f}%" for k, v in results["census"].items()))
         # Write as we go: a long run that fails late still leaves its numbers.
         write_results(Path(args.out), report(results, info, args, time.perf_counter() - t_start))
 
+    from bench_startup import generate_start
+    results["startup"] = generate_start(runs=3)
+    log(f"first start: cold {results['startup']['cold_s']:.2f} s, warm {results['startup']['warm_s']:.2f} s")
     results["bandwidth"].append(bandwidth(args.threads))
     write_results(Path(args.out), report(results, info, args, time.perf_counter() - t_start))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": info, **results}, indent=1, default=str))

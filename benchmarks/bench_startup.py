@@ -2,6 +2,11 @@
 
     python benchmarks/bench_startup.py                 # v7 0.1B shape (L12 D768 vocab 65536), int8
     python benchmarks/bench_startup.py --dtype fp16 --runs 5
+    python benchmarks/bench_startup.py --generate      # `rwkvcpu generate` with the shipped model
+
+--generate times what a user waits for after `pip install`: the whole
+`rwkvcpu generate "Once upon a time" -n 1` process, from its start to its exit
+(one token after the prompt), cold and warm.
 
 Each measurement is a fresh Python process that imports rwkvcpu, loads the
 model and computes the logits of one token. "cold" points NUMBA_CACHE_DIR at
@@ -21,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CHILD = r"""
@@ -59,12 +65,41 @@ def run_child(path: Path, cache_dir: str) -> dict:
     return json.loads(out.stdout)
 
 
+GENERATE = ["-m", "rwkvcpu.cli.main", "generate", "Once upon a time", "-n", "1", "--seed", "1"]
+
+
+def _timed(cmd, env) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, capture_output=True, check=True)
+    return time.perf_counter() - t
+
+
+def generate_start(runs: int = 3) -> dict:
+    """Median seconds of `rwkvcpu generate ... -n 1` with the shipped model, numba's cache empty
+    (cold) and filled by the cold run (warm); each in a fresh process."""
+    cold, warm = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            cold.append(_timed([sys.executable, *GENERATE], env))
+            warm.append(_timed([sys.executable, *GENERATE], env))
+    return {"command": "rwkvcpu " + " ".join(GENERATE[3:]), "runs": runs, "cold_s": statistics.median(cold),
+            "warm_s": statistics.median(warm), "cold_all": cold, "warm_all": warm}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="int8", choices=("fp32", "fp16", "int8", "int4"))
     ap.add_argument("--runs", type=int, default=3, help="cold and warm runs each (the median is shown)")
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "rwkvcpu-bench"))
+    ap.add_argument("--generate", action="store_true", help="time `rwkvcpu generate` with the shipped model")
     args = ap.parse_args()
+    if args.generate:
+        r = generate_start(args.runs)
+        print(f"`{r['command']}`, median of {args.runs} fresh processes: cold {r['cold_s']:.2f} s "
+              f"({', '.join(f'{v:.2f}' for v in r['cold_all'])}), warm {r['warm_s']:.2f} s "
+              f"({', '.join(f'{v:.2f}' for v in r['warm_all'])})")
+        return
     path = model_file(Path(args.work), args.dtype)
     cold, warm = [], []
     for _ in range(args.runs):
