@@ -266,9 +266,13 @@ def report(results: dict, info: dict) -> str:
     for name, row in results["shapes"].items():
         st = row["steps"]
         four = st["decode"][4]
+        # (a chunk "faster" than no chunk: the machine's load moved between the two; no rate then)
         cells = [f"{st['decode'][b]:.1f}" for b in BATCHES] + [
-            f"{st['with_prefill'][c]:.1f} ({c / max(st['with_prefill'][c] - four, 1e-9) * 1e3:.0f})" for c in CHUNKS]
+            f"{st['with_prefill'][c]:.1f} ({c / (st['with_prefill'][c] - four) * 1e3:.0f})"
+            if st['with_prefill'][c] > four else f"{st['with_prefill'][c]:.1f} (-)" for c in CHUNKS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * st['busy']:.0f}% |")
+    if results.get("note"):
+        lines += ["", results["note"]]
     return "\n".join(lines)
 
 
@@ -282,6 +286,8 @@ def main():
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "rwkvcpu-bench"),
                     help="where the models are written (kept between runs)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite --out from its -serve.json")
+    ap.add_argument("--note", help="a paragraph on the run's conditions, printed under the tables")
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     from rwkvcpu.threads import physical_cores
@@ -297,6 +303,15 @@ def main():
     # Shapes measured by earlier runs keep their rows (each says which command measured it).
     saved = Path(args.out).with_name(Path(args.out).stem + "-serve.json")
     results = json.loads(saved.read_text()) if saved.exists() else {"shapes": {}}
+    for row in results["shapes"].values():
+        # JSON's keys are strings: the step table's are batch sizes and chunk lengths
+        row["steps"] = {k: v if k == "busy" else {int(n): ms for n, ms in v.items()} for k, v in row["steps"].items()}
+    if args.note:
+        results["note"] = args.note
+        saved.write_text(json.dumps(results, indent=1))
+    if args.report_only:
+        replace_section(Path(args.out), "Serving (benchmarks/bench_serve.py)", report(results, info))
+        return
     for name in args.shapes.split(","):
         paths = make_models(work, name, SHAPES[name], log, dtypes=("int8",), keep_pth=False)
         row = bench_shape(name, paths["int8"], args, log)
