@@ -48,7 +48,9 @@ def test_weight_stream_reads_the_tokens_bytes(tmp_path):
     per_token = bench.weight_bytes_per_token(path)
     # Only whole 64 KB rows of each merged region are read: at most one row short per region.
     assert per_token - len(stream.views) * 4 * stream._ROW <= stream.nbytes <= per_token
-    assert stream.bandwidth(repeats=1) > 1e8
+    # A figure, not a speed check: the machine may be slow or busy (no timing thresholds in tests).
+    bandwidth = stream.bandwidth(repeats=1)
+    assert np.isfinite(bandwidth) and bandwidth > 0
 
 
 @pytest.mark.parametrize("args", [["-n", "0"], ["--prompt", "0"], ["-n", "-3"]])
@@ -70,7 +72,8 @@ def test_weight_bytes_per_token_counts_one_embedding_row(tiny_v7_file):
 
 
 def test_memory_bandwidth_is_positive():
-    assert bench.memory_bandwidth(1, megabytes=8, repeats=2) > 1e8
+    bandwidth = bench.memory_bandwidth(1, megabytes=8, repeats=2)
+    assert np.isfinite(bandwidth) and bandwidth > 0
 
 
 def test_roofline():
