@@ -3,8 +3,9 @@
 The application is two deployments:
 
 - `Replica`: the server itself, `build_app`'s FastAPI app over one model, its scheduler and state
-  cache, behind `@serve.ingress`. One per `num_cpus` (= its compute threads); `max_ongoing_requests`
-  is its batch size, so that requests beyond it wait in Ray's queue, where the router still chooses.
+  cache, behind `@serve.ingress`. It reserves as many CPUs (`num_cpus`) as it computes with threads;
+  `max_ongoing_requests` is its batch size, so that requests beyond a full batch wait in Ray's
+  queue, where the router still chooses.
 - `Front`: the HTTP entry. Ray's proxy routes a request before its body is read, so it cannot send
   a conversation to the replica holding its cached state; the front reads the body, takes the
   conversation's text as the routing key (`routing_key`) and forwards the request through a
@@ -52,6 +53,7 @@ except ImportError:
     # ray's core wheel, and this is the module the public name re-exports.
     from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
         PrefixCacheAffinityRouter)
+# (Serve's default router; the prefix router builds on it from the same private module)
 from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 
 from ..errors import InvalidArgumentError, RwkvCpuError
