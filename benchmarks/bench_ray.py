@@ -5,7 +5,7 @@ replica per core, and the state cache's hit rate over multi-turn chats with and 
     python benchmarks/bench_ray.py --streams 8 --tokens 32 --out /tmp/r.md        # a quick look
 
 Throughput: a fresh `rwkvcpu serve` process per configuration (plain, for reference; Ray with 1
-replica of 2 threads; Ray with 2 replicas of 1 thread), --max-batch 8 per replica, the official
+replica of 1 thread, 1 replica of 2 threads, 2 replicas of 1 thread), --max-batch 8 per replica, the official
 `openai` client streaming completions of --tokens tokens from 32-token random prompts (end-of-text
 banned), as benchmarks/bench_serve.py does. Ray's own processes (controller, proxy, the front) run
 on the same 2 cores.
@@ -36,8 +36,8 @@ from bench_models import SHAPES, Busy, machine, make_models, replace_section
 from bench_serve import PROMPT_TOKENS, streams, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = (("plain rwkvcpu serve", None, 2), ("Ray, 1 replica x 2 threads", 1, 2),
-           ("Ray, 2 replicas x 1 thread", 2, 1))
+CONFIGS = (("plain rwkvcpu serve, 2 threads", None, 2), ("Ray, 1 replica x 1 thread", 1, 1),
+           ("Ray, 1 replica x 2 threads", 1, 2), ("Ray, 2 replicas x 1 thread", 2, 1))
 SYSTEM = "You are a helpful assistant who answers in a few words and never repeats the question."
 
 
@@ -110,11 +110,16 @@ def throughput(path: Path, vocab: int, args, log) -> list:
             # warm-up: every replica compiles (or loads from numba's cache) its kernels
             asyncio.run(streams(url, [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(4)], 8))
             for s in args.streams:
-                wait_for_quiet()
-                prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(s)]
-                with ServerBusy(proc.pid) as busy:
-                    r = asyncio.run(streams(url, prompts, args.tokens))
-                r.update(config=name, busy=busy.share)
+                # the fastest of --repeats runs: the one that other processes on this shared machine disturbed least
+                tries = []
+                for _ in range(args.repeats):
+                    wait_for_quiet()
+                    prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(s)]
+                    with ServerBusy(proc.pid) as busy:
+                        r = asyncio.run(streams(url, prompts, args.tokens))
+                    r.update(config=name, busy=busy.share)
+                    tries.append(r)
+                r = max(tries, key=lambda t: t["tok_s"])
                 rows.append(r)
                 log(f"{name}: {s} streams {r['tok_s']:.1f} tok/s, ITL p50 {r['itl_p50_ms']:.0f} ms "
                     f"(busy {100 * busy.share:.0f}%)")
@@ -168,11 +173,11 @@ def hit_rates(path: Path, args, log) -> list:
 
 def report(results: dict, info: dict, args) -> str:
     lines = [
-        f"Written by `{results['command']}` on {results['date']}. CPU: {info.get('cpu', '?')}, "
+        f"Written by `{results['throughput_command']}` on {results['throughput_date']}. CPU: {info.get('cpu', '?')}, "
         f"{info.get('physical_cores', '?')} cores. {args.shape} int8 (random weights at the official shape); "
         f"--max-batch 8 per replica; the `openai` client streaming completions of {args.tokens} tokens each "
-        f"from {PROMPT_TOKENS}-token prompts (temperature 1, top_p 0.9, end-of-text banned). tok/s: all "
-        "streams' tokens over the wall time. Ray's controller, HTTP proxy and the prefix-affinity front run on "
+        f"from {PROMPT_TOKENS}-token prompts (temperature 1, top_p 0.9, end-of-text banned), the fastest of "
+        f"{args.repeats} runs per row. tok/s: all streams' tokens over the wall time. Ray's controller, HTTP proxy and the prefix-affinity front run on "
         "the same 2 cores. busy: CPU share processes outside the benchmark (the client and the server's process "
         "tree) took meanwhile.",
         "",
@@ -183,7 +188,8 @@ def report(results: dict, info: dict, args) -> str:
     for r in results["throughput"]:
         lines.append(f"| {r['config']} | {r['streams']} | {r['tok_s']:.1f} | {r['tok_s'] / plain[r['streams']]:.2f}x "
                      f"| {r['itl_p50_ms']:.0f} | {r['itl_p99_ms']:.0f} | {100 * r['busy']:.0f}% |")
-    lines += ["", f"State cache over {args.conversations} chats of {args.turns} turns (two chats at a time, one "
+    lines += ["", f"Written by `{results['cache_command']}` on {results['cache_date']}. "
+              f"State cache over {args.conversations} chats of {args.turns} turns (two chats at a time, one "
               "system prompt shared by all, replies of up to 24 tokens), 2 replicas x 1 thread. hit rate: prompt "
               "tokens read from the cache / all prompt tokens. resumed: later turns whose cached tokens cover at "
               "least the previous turn's prompt (the replica held the conversation).", "",
@@ -202,6 +208,8 @@ def main():
     ap.add_argument("--shape", default="v7-0.1b")
     ap.add_argument("--streams", default="2,8", help="concurrent streams, comma-separated")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per row; the fastest counts")
+    ap.add_argument("--only", choices=("throughput", "cache"), help="one part; the other's rows stay as they were")
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "rwkvcpu-bench"),
@@ -217,10 +225,17 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     path = make_models(work, args.shape, SHAPES[args.shape], log, dtypes=("int8",), keep_pth=False)["int8"]
-    results = {"command": " ".join(["python benchmarks/bench_ray.py", *sys.argv[1:]]),
-               "date": time.strftime("%Y-%m-%d %H:%M")}
-    results["throughput"] = throughput(path, SHAPES[args.shape][3], args, log)
-    results["cache"] = hit_rates(path, args, log)
+    saved = HERE / "RESULTS-ray.json"
+    results = json.loads(saved.read_text()) if args.only and saved.exists() else {}
+    if args.only != "cache":
+        results["throughput"] = throughput(path, SHAPES[args.shape][3], args, log)
+        results["throughput_command"] = " ".join(["python benchmarks/bench_ray.py", *sys.argv[1:]])
+        results["throughput_date"] = time.strftime("%Y-%m-%d %H:%M")
+    if args.only != "throughput":
+        results["cache"] = hit_rates(path, args, log)
+        results["cache_command"] = " ".join(["python benchmarks/bench_ray.py", *sys.argv[1:]])
+        results["cache_date"] = time.strftime("%Y-%m-%d %H:%M")
+    saved.write_text(json.dumps(results, indent=1) + "\n")
     replace_section(Path(args.out), "Ray Serve (benchmarks/bench_ray.py)", report(results, machine(), args))
     print(json.dumps(results, indent=1))
     log(f"wrote {args.out}")

@@ -4,7 +4,8 @@ Run by tests/test_ray.py in a process of its own (inside a network namespace who
 is loopback, where the machine allows one); run it alone with `python -m pytest tests/ray_serve_cases.py`.
 
 One `rwkvcpu serve --ray --replicas 2` process serves the shipped model for the whole module: two
-replicas of one thread and a batch of 4 each, behind the prefix-affinity front. Ray's start takes
+replicas of one thread and a batch of 4 each, behind the prefix-affinity front (replies up to 20,000
+tokens, so that a request left running would hold its slot for minutes). Ray's start takes
 most of the module's time (about 20 s on 2 cores), so everything is checked against that one
 deployment, in order: answers equal the library's, conversations keep to the replica holding
 their state, a replica killed under load fails or retries its requests cleanly, and Ctrl-C leaves
@@ -75,7 +76,7 @@ def model():
 def serving():
     """The `rwkvcpu serve --ray` process and its URL; stopped by test_ctrl_c_leaves_no_process (or here)."""
     cmd = [sys.executable, "-m", "rwkvcpu.cli.main", "serve", "--ray", "--replicas", "2", "--threads", "1",
-           "--max-batch", "4", "--port", "0", "--model-name", NAME]
+           "--max-batch", "4", "--max-tokens", "20000", "--port", "0", "--model-name", NAME]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -150,6 +151,28 @@ def test_a_conversation_stays_with_its_cached_state(client):
         for seen in pool.map(conversation, range(2)):
             for (before, _), (_, cached) in zip(seen, seen[1:]):
                 assert cached >= before, seen
+
+
+def test_clients_that_go_away_give_their_slots_back(client):
+    """8 streams of 20,000 tokens fill both replicas' batches; their clients read a little and hang up.
+    Their requests must end at once (the proxy cancels the front's request, the front its call to the
+    replica, the replica the scheduler's request): otherwise the next requests would wait in Ray's
+    queue for minutes, past the client's timeout."""
+
+    def hang_up(i):
+        stream = client.completions.create(model=NAME, prompt=f"{i} long", max_tokens=20000, stream=True,
+                                           logit_bias=NO_EOS)
+        chunks = [c for _, c in zip(range(3), stream)]
+        stream.close()
+        return len(chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(hang_up, range(8))) == [3] * 8
+    quick = openai.OpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0, timeout=20)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda i: quick.completions.create(model=NAME, prompt=f"{i} short", max_tokens=8),
+                              range(8)))
+    assert all(a.usage.completion_tokens == 8 for a in after)
 
 
 def test_a_replica_killed_under_load(serving, client):
