@@ -150,9 +150,12 @@ def serve_on_ray(model_path, host, port, threads, address, replicas, affinity, o
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # a bad model file is one line now, not a replica failing to start after Ray's start-up
         load_model(model_path, threads)
+    if port == 0 and address is not None:
+        raise InvalidArgumentError("--port 0 (any free port) works with a local Ray instance only; give the port "
+                                   "every node's HTTP proxy should listen on")
     from rwkvcpu.server.ray_serve import RayOptions, default_threads, free_port, run
 
-    if port == 0 and address is None:
+    if port == 0:
         port = free_port(host)
     if threads is None:
         threads = default_threads(replicas, local=address is None)

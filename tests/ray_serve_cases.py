@@ -8,8 +8,8 @@ replicas of one thread and a batch of 4 each, behind the prefix-affinity front (
 tokens, so that a request left running would hold its slot for minutes). Ray's start takes
 most of the module's time (about 20 s on 2 cores), so everything is checked against that one
 deployment, in order: answers equal the library's, conversations keep to the replica holding
-their state, a replica killed under load fails or retries its requests cleanly, and Ctrl-C leaves
-no process behind. Every request is bounded by the client's timeout and every wait by a deadline.
+their state, clients that hang up free their slots, a replica killed under load fails or retries
+its requests cleanly, and Ctrl-C leaves no process behind. Every request is bounded by the client's timeout and every wait by a deadline.
 """
 
 import concurrent.futures

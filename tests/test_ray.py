@@ -43,7 +43,8 @@ def _own_network():
 
 
 def test_serve_on_ray_end_to_end():
-    """tests/ray_serve_cases.py: two replicas and the openai client, a replica killed under load, Ctrl-C."""
+    """tests/ray_serve_cases.py: two replicas and the openai client, affinity, clients hanging up, a replica
+    killed under load, Ctrl-C."""
     prefix = _own_network() or []
     cmd = prefix + [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "ray_serve_cases.py")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=HERE.parent)
@@ -230,6 +231,9 @@ def test_cli_ray_flags_and_install_hint(monkeypatch, capsys):
     assert run("--replicas", "2") == (2, "error: --replicas needs --ray (pip install 'rwkvcpu[ray]')\n")
     assert run("--ray", "--replicas", "two") == (2, "error: --replicas takes a number of replicas or 'auto', "
                                                     "got 'two'\n")
+    assert run("--ray-address", "auto", "--port", "0") == (
+        2, "error: --port 0 (any free port) works with a local Ray instance only; give the port every node's HTTP "
+           "proxy should listen on\n")
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
