@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import LAYER_NORM_EPS
 from ..kernels.norms import layer_norm
-from ..kernels.ops import add_product_, mix, relu_square_, sigmoid_, token_shift
+from ..kernels.ops import add_product_, relu_square_, shift_mix, sigmoid_
 from ..layouts import resolve_shape
 from ..matrix import dequantize_rows, from_parts, matmul
 from ..state import state_layout
@@ -133,7 +133,6 @@ class Stream(NamedTuple):
 
 class ChannelMixWork(NamedTuple):
     """Work buffers of the v4/v5/v6 channel mix for T tokens (each field's default is its shape)."""
-    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
     xm: np.ndarray = (2, "T", "D")      # token-shift mixes of k, r
     h: np.ndarray = ("T", "F")          # relu(Wk xk)^2
     r: np.ndarray = ("T", "D")          # sigmoid(Wr xr)
@@ -257,8 +256,7 @@ def load_channel_mix(t: Tensors, prefix: str) -> ChannelMix:
 
 def channel_mix(ffn: ChannelMix, i: int, config, xn, seqs: Sequences, ws: ChannelMixWork, x) -> None:
     """x += sigmoid(Wr xr) * (Wv relu(Wk xk)^2), xk/xr token-shifted from xn; layer i's ffn_x advanced."""
-    token_shift(xn, seqs.states, seqs.segs, seqs.at("ffn_x", i), ws.dx)
-    mix(xn, ws.dx, ffn.maa, ws.xm)
+    shift_mix(xn, seqs.states, seqs.segs, seqs.at("ffn_x", i), ffn.maa, ws.xm)
     h = matmul(ffn.key, ws.xm[0], ws.h)
     relu_square_(h)
     r = matmul(ffn.receptance, ws.xm[1], ws.r)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..kernels.ops import add_, mix, mul_, sigmoid_, token_shift
+from ..kernels.ops import add_, mul_, shift_mix, sigmoid_
 from ..kernels.wkv import wkv4
 from ..matrix import matmul
 from .common import ChannelMixWork, Sequences, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
@@ -31,7 +31,6 @@ class TimeMix(NamedTuple):
 
 class TimeMixWork(NamedTuple):
     """v4's time-mix work buffers for T tokens (each field's default is its shape)."""
-    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
     xm: np.ndarray = (3, "T", "D")      # token-shift mixes of k, v, r
     k: np.ndarray = ("T", "D")          # key
     v: np.ndarray = ("T", "D")          # value
@@ -55,8 +54,7 @@ def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
 def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork, x, v_first) -> None:
     """x += the time mix of xn (T, D); advances layer i's att_x, att_aa, att_bb, att_pp of each sequence.
     (v_first: v7's, unused here.)"""
-    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), ws.dx)
-    mix(xn, ws.dx, att.maa, ws.xm)
+    shift_mix(xn, seqs.states, seqs.segs, seqs.at("att_x", i), att.maa, ws.xm)
     k = matmul(att.key, ws.xm[0], ws.k)
     v = matmul(att.value, ws.xm[1], ws.v)
     r = matmul(att.receptance, ws.xm[2], ws.r)

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ..kernels.norms import group_norm
-from ..kernels.ops import add_, mix, mul_, silu_, token_shift
+from ..kernels.ops import add_, mul_, shift_mix, silu_
 from ..kernels.wkv import wkv5
 from ..matrix import matmul
 from .common import ChannelMixWork, Norm, Sequences, Tensors, channel_mix, load_channel_mix  # noqa: F401  (re-exported)
@@ -38,7 +38,6 @@ class TimeMix(NamedTuple):
 
 class TimeMixWork(NamedTuple):
     """v5's time-mix work buffers for T tokens (each field's default is its shape)."""
-    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
     xm: np.ndarray = (4, "T", "D")      # token-shift mixes of r, k, v, g (5.0: the first three)
     r: np.ndarray = ("T", "D")          # receptance
     k: np.ndarray = ("T", "D")          # key
@@ -67,9 +66,8 @@ def load_time_mix(t: Tensors, p: str, config, layer: int) -> TimeMix:
 def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork, x, v_first) -> None:
     """x += the time mix of xn (T, D); advances layer i's att_x and wkv of each sequence.
     (v_first: v7's, unused here.)"""
-    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), ws.dx)
     xm = ws.xm if att.gate is not None else ws.xm[:3]
-    mix(xn, ws.dx, att.maa, xm)
+    shift_mix(xn, seqs.states, seqs.segs, seqs.at("att_x", i), att.maa, xm)
     r = matmul(att.receptance, xm[0], ws.r)
     k = matmul(att.key, xm[1], ws.k)
     v = matmul(att.value, xm[2], ws.v)

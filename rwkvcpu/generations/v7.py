@@ -19,9 +19,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ..kernels.norms import group_norm
-from ..kernels.ops import add_, mix, mul_, relu_square_, sigmoid_, sigmoid_bias_, tanh_, token_shift
-from ..kernels.wkv import bonus_v7_, decay_v7_, keys_v7, value_residual_v7_, wkv7
+from ..kernels.ops import add_, relu_square_, shift_mix, sigmoid_, tanh_
+from ..kernels.wkv import finish_v7, prepare_v7, wkv7
 from ..matrix import matmul
 from .common import Norm, Sequences, Tensors
 
@@ -64,10 +63,9 @@ OPTIONAL_DIMS = ("Dv",)
 
 class TimeMixWork(NamedTuple):
     """v7's time-mix work buffers for T tokens (each field's default is its shape)."""
-    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
     xm: np.ndarray = (6, "T", "D")      # token-shift mixes of r, w, k, v, a, g
     r: np.ndarray = ("T", "D")          # receptance
-    k: np.ndarray = ("T", "D")          # key, rescaled in place by keys_v7
+    k: np.ndarray = ("T", "D")          # key, rescaled in place by prepare_v7
     v: np.ndarray = ("T", "D")          # value, after the value residual
     w_h: np.ndarray = ("T", "Dw")       # tanh(W1 x_w)
     w: np.ndarray = ("T", "D")          # decay
@@ -85,7 +83,6 @@ class TimeMixWork(NamedTuple):
 
 class ChannelMixWork(NamedTuple):
     """v7's channel-mix work buffers for T tokens (each field's default is its shape)."""
-    dx: np.ndarray = ("T", "D")         # the previous token's xn minus this one's
     xk: np.ndarray = (1, "T", "D")      # its token-shift mix
     h: np.ndarray = ("T", "F")          # relu(Wk xk)^2
     y: np.ndarray = ("T", "D")          # Wv h
@@ -117,41 +114,27 @@ def time_mix(att: TimeMix, i: int, config, xn, seqs: Sequences, ws: TimeMixWork,
     of the same block (the reference's v_first).
     """
     H = config.n_head
-    token_shift(xn, seqs.states, seqs.segs, seqs.at("att_x", i), ws.dx)
-    mix(xn, ws.dx, att.maa, ws.xm)
+    shift_mix(xn, seqs.states, seqs.segs, seqs.at("att_x", i), att.maa, ws.xm)
     xr, xw, xk, xv, xa, xg = ws.xm
 
     r = matmul(att.receptance, xr, ws.r)
     k = matmul(att.key, xk, ws.k)
     v = matmul(att.value, xv, ws.v)
+    tanh_(matmul(att.w1, xw, ws.w_h))
+    w = matmul(att.w2, ws.w_h, ws.w)
+    a = matmul(att.a2, matmul(att.a1, xa, ws.a_h), ws.a)
+    sigmoid_(matmul(att.g1, xg, ws.g_h))
+    g = matmul(att.g2, ws.g_h, ws.g)
+    first = att.v0 is None
+    z = v if first else matmul(att.v2, matmul(att.v1, xv, ws.v_h), ws.v_z)
 
-    h = matmul(att.w1, xw, ws.w_h)
-    tanh_(h)
-    w = matmul(att.w2, h, ws.w)
-    decay_v7_(w, att.w0)
-
-    h = matmul(att.a1, xa, ws.a_h)
-    a = matmul(att.a2, h, ws.a)
-    sigmoid_bias_(a, att.a0)
-
-    h = matmul(att.g1, xg, ws.g_h)
-    sigmoid_(h)
-    g = matmul(att.g2, h, ws.g)
-
-    if att.v0 is None:
-        np.copyto(v_first, v)
-    else:
-        h = matmul(att.v1, xv, ws.v_h)
-        z = matmul(att.v2, h, ws.v_z)
-        value_residual_v7_(v, v_first, z, att.v0)
-
-    keys_v7(k, a, att.k_k, att.k_a, H, ws.kk, ws.kka)
-
+    # decay, learning rate, value residual and keys from the products above, in one pass
+    # (layer 0 passes v and w0 for the unused z and v0: one compiled variant for every layer)
+    prepare_v7(w, att.w0, a, att.a0, v, v_first, z, att.w0 if first else att.v0, first, k, att.k_k, att.k_a, H,
+               ws.kk, ws.kka)
     y = ws.y
     wkv7(r, w, k, v, ws.kk, ws.kka, seqs.states, seqs.segs, seqs.at("wkv", i), H, y)
-    group_norm(y, H, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, y)
-    bonus_v7_(y, r, k, v, att.r_k, H)
-    mul_(y, g)
+    finish_v7(y, H, att.ln_x.weight, att.ln_x.bias, config.group_norm_eps, r, k, v, att.r_k, g)
     add_(x, matmul(att.output, y, ws.o))
 
 
@@ -162,8 +145,7 @@ def load_channel_mix(t: Tensors, p: str) -> ChannelMix:
 
 def channel_mix(ffn: ChannelMix, i: int, config, xn, seqs: Sequences, ws: ChannelMixWork, x) -> None:
     """x += Wv relu(Wk xk)^2, xk token-shifted from xn; layer i's ffn_x advanced."""
-    token_shift(xn, seqs.states, seqs.segs, seqs.at("ffn_x", i), ws.dx)
-    mix(xn, ws.dx, ffn.maa, ws.xk)
+    shift_mix(xn, seqs.states, seqs.segs, seqs.at("ffn_x", i), ffn.maa, ws.xk)
     h = matmul(ffn.key, ws.xk[0], ws.h)
     relu_square_(h)
     add_(x, matmul(ffn.value, h, ws.y))

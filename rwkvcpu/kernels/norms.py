@@ -34,6 +34,25 @@ def layer_norm(x, weight, bias, eps, out):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def head_norm(x, t, b, S, weight, bias, eps, out):
+    """Layer norm of the S channels x[t, b:b+S] (one head), then a per-channel affine, into out[t, b:b+S].
+
+    x, out: (T, D) f32 (out may be x), weight, bias: (D,) f32, eps: float
+    """
+    s = 0.0
+    for j in range(S):
+        s += x[t, b + j]
+    mean = s / S
+    s2 = 0.0
+    for j in range(S):
+        d = x[t, b + j] - mean
+        s2 += d * d
+    inv = 1.0 / np.sqrt(s2 / S + eps)
+    for j in range(S):
+        out[t, b + j] = np.float32((x[t, b + j] - mean) * inv) * weight[b + j] + bias[b + j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def group_norm(x, n_head, weight, bias, eps, out):
     """Layer norm of each head's S = D / n_head channels, then a per-channel affine.
 
@@ -45,15 +64,4 @@ def group_norm(x, n_head, weight, bias, eps, out):
     S = D // n_head
     for t in range(T):
         for h in range(n_head):
-            b = h * S
-            s = 0.0
-            for j in range(S):
-                s += x[t, b + j]
-            mean = s / S
-            s2 = 0.0
-            for j in range(S):
-                d = x[t, b + j] - mean
-                s2 += d * d
-            inv = 1.0 / np.sqrt(s2 / S + eps)
-            for j in range(S):
-                out[t, b + j] = np.float32((x[t, b + j] - mean) * inv) * weight[b + j] + bias[b + j]
+            head_norm(x, t, h * S, S, weight, bias, eps, out)

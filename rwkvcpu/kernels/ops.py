@@ -38,6 +38,31 @@ def token_shift(x, states, segs, off, dx):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def shift_mix(x, states, segs, off, maa, out):
+    """out[m, t] = x[t] + (x[t-1] - x[t]) * maa[m]: token_shift and mix in one pass, for the
+    generations whose mixes need nothing else of the shift. Within each sequence of the block; a
+    sequence's first row takes x[t-1] from its state (D floats at `off` of its row), which then
+    keeps its last row.
+
+    x: (T, D) f32, states: (C, F) f32 (updated), segs: (B, 3) i64 (see token_shift), off: int,
+    maa: (>= M, D) f32, out: (M, T, D) f32
+    """
+    M = out.shape[0]
+    D = x.shape[1]
+    for b in range(segs.shape[0]):
+        prev = states[segs[b, 0], off:off + D]
+        t0, t1 = segs[b, 1], segs[b, 2]
+        for m in range(M):
+            for j in range(D):
+                out[m, t0, j] = x[t0, j] + (prev[j] - x[t0, j]) * maa[m, j]
+            for t in range(t0 + 1, t1):
+                for j in range(D):
+                    out[m, t, j] = x[t, j] + (x[t - 1, j] - x[t, j]) * maa[m, j]
+        for j in range(D):
+            prev[j] = x[t1 - 1, j]
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def mix(x, dx, maa, out):
     """out[m, t] = x[t] + dx[t] * maa[m]   (token-shift interpolation, one per coefficient row).
 

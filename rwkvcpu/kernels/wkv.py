@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .compile import compile_kernel
+from .norms import head_norm
 from .ops import FASTMATH
 
 
@@ -208,29 +209,32 @@ _V7_DECAY_SCALE = np.float32(0.606531)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def decay_v7_(w, w0):
-    """w <- exp(-0.606531 * sigmoid(w0 + w))   (v7's decay from its low-rank term w).
+def prepare_v7(w, w0, a, a0, v, v_first, z, v0, first, k, k_k, k_a, n_head, kk, kka):
+    """v7's inputs of the recurrence from its products, in one pass over the block:
 
-    w: (T, D) f32, w0: (D,) f32
-    """
-    T, D = w.shape
-    for t in range(T):
-        for j in range(D):
-            sig = np.float32(1.0) / (np.float32(1.0) + np.exp(-(w0[j] + w[t, j])))
-            w[t, j] = np.exp(-_V7_DECAY_SCALE * sig)
+        w <- exp(-0.606531 sigmoid(w0 + w))                 decay
+        a <- sigmoid(a0 + a)                                 in-context learning rate
+        layer 0 (first): v_first <- v;  later: v <- v + (v_first - v) sigmoid(v0 + z)   value residual
+        kk = normalize(k * k_k) per head (L2, floor 1e-12), kka = kk * a;  k <- k (1 + (a - 1) k_a)
 
-
-@njit(fastmath=FASTMATH, cache=True)
-def keys_v7(k, a, k_k, k_a, n_head, kk, kka):
-    """v7's two keys. Per head, kk = normalize(k * k_k) (L2, floor 1e-12), kka = kk * a;
-    then the key itself is rescaled in place: k <- k * (1 + (a - 1) * k_a).
-
-    k: (T, D) f32 (updated), a: (T, D) f32, k_k, k_a: (D,) f32, n_head: int,
-    kk, kka: (T, D) f32 (outputs)
+    w, a, v, k: (T, D) f32 (updated), w0, a0, v0, k_k, k_a: (D,) f32, v_first, z: (T, D) f32,
+    first: bool, n_head: int, kk, kka: (T, D) f32 (outputs). In layer 0, z and v0 are not read:
+    pass any arrays of their types (one compiled variant serves every layer).
     """
     T, D = k.shape
     S = D // n_head
     for t in range(T):
+        for j in range(D):
+            sig = np.float32(1.0) / (np.float32(1.0) + np.exp(-(w0[j] + w[t, j])))
+            w[t, j] = np.exp(-_V7_DECAY_SCALE * sig)
+            a[t, j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-(a[t, j] + a0[j])))
+        if first:
+            for j in range(D):
+                v_first[t, j] = v[t, j]
+        else:
+            for j in range(D):
+                g = np.float32(1.0) / (np.float32(1.0) + np.exp(-(v0[j] + z[t, j])))
+                v[t, j] += (v_first[t, j] - v[t, j]) * g
         for h in range(n_head):
             b = h * S
             ss = np.float32(0.0)
@@ -248,31 +252,20 @@ def keys_v7(k, a, k_k, k_a, n_head, kk, kka):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def value_residual_v7_(v, v_first, z, v0):
-    """v <- v + (v_first - v) * sigmoid(v0 + z)   (layers >= 1 lean towards layer 0's value).
+def finish_v7(y, n_head, ln_w, ln_b, eps, r, k, v, r_k, g):
+    """v7's output of the recurrence, in one pass: per head, y <- (group_norm(y) + (sum r k r_k) v) * g.
 
-    v: (T, D) f32 (updated), v_first, z: (T, D) f32, v0: (D,) f32
+    y: (T, D) f32 (updated), n_head: int, ln_w, ln_b: (D,) f32 (ln_x), eps: float,
+    r, k, v, g: (T, D) f32, r_k: (D,) f32
     """
-    T, D = v.shape
-    for t in range(T):
-        for j in range(D):
-            g = np.float32(1.0) / (np.float32(1.0) + np.exp(-(v0[j] + z[t, j])))
-            v[t, j] += (v_first[t, j] - v[t, j]) * g
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def bonus_v7_(out, r, k, v, r_k, n_head):
-    """out[t, head] += (sum over the head of r * k * r_k) * v[t, head]   (v7's current-token term).
-
-    out: (T, D) f32 (updated), r, k, v: (T, D) f32, r_k: (D,) f32, n_head: int
-    """
-    T, D = out.shape
+    T, D = y.shape
     S = D // n_head
     for t in range(T):
         for h in range(n_head):
             b = h * S
+            head_norm(y, t, b, S, ln_w, ln_b, eps, y)
             acc = np.float32(0.0)
             for j in range(S):
                 acc += r[t, b + j] * k[t, b + j] * r_k[b + j]
             for j in range(S):
-                out[t, b + j] += acc * v[t, b + j]
+                y[t, b + j] = (y[t, b + j] + acc * v[t, b + j]) * g[t, b + j]
