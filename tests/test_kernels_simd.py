@@ -44,10 +44,10 @@ from rwkvcpu.kernels import qmatmul as Q
 ks = Q.kernels(sys.argv[1])
 a8, u8 = types.Array(types.int8, 2, "C"), types.Array(types.uint8, 2, "C")
 u16, f32, i32 = (types.Array(t, 2, "C") for t in (types.uint16, types.float32, types.int32))
-sigs = {"rows_i8": (a8, u16, a8, f32, i32, f32), "rows_i4": (u8, u16, u16, a8, f32, f32, f32),
-        "tiles_i8": (a8, u16, i32, types.Array(types.int32, 4, "C"), types.Array(types.float32, 3, "C"), f32),
-        "tiles_i4": (u8, u16, u16, types.Array(types.int32, 4, "C"), types.Array(types.float32, 3, "C"),
-                     types.Array(types.float32, 3, "C"), f32)}
+i8, f32_3, i32_4 = types.Array(types.int8, 2, "C"), types.Array(types.float32, 3, "C"), types.Array(types.int32, 4, "C")
+sigs = {"rows_i8": (a8, u16, f32, i8, f32, i32, f32), "rows_i4": (u8, u16, u16, f32, i8, f32, f32, f32),
+        "tiles_i8": (a8, u16, i32, f32, i8, f32, i32, types.boolean, i32_4, f32_3, f32),
+        "tiles_i4": (u8, u16, u16, f32, i8, f32, f32, i32_4, f32_3, f32_3, f32)}
 for name, sig in sigs.items():
     fn = ks.get(name, False)
     fn.compile(sig)

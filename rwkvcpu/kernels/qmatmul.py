@@ -188,11 +188,12 @@ def _negated_sums_i8(q, nw):
 # 16 at a time (a literal: straight-line code), then up to 4 (a runtime count the intrinsic
 # branches on).
 
-def _rows_i8(q, scale, xq, xs, xc, out):
+def _rows_i8(q, scale, X, xq, xs, xc, out):
     """out[t, i] = sum over groups g (canonical order, kernels/idot.py) of
-    f32(q[i, g] . xq[t, g]) * scale[i, g] * xs[t, g]
-    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), xq: (T, m) i8, xs: (T, m/64) f32, xc: (T, m/64) i32,
-    out: (T, n) f32"""
+    f32(q[i, g] . xq[t, g]) * scale[i, g] * xs[t, g], X's rows quantized first (into xq, xs, xc).
+    q: (n, m) i8, scale: (n, m/64) u16 (fp16 bits), X: (T, m) f32, xq: (T, m) i8, xs: (T, m/64) f32,
+    xc: (T, m/64) i32, out: (T, n) f32"""
+    quantize_i8(X, xq, xs, xc)
     n, m = q.shape
     T, ng = xs.shape
     for i in prange(n):
@@ -209,11 +210,12 @@ def _rows_i8(q, scale, xq, xs, xc, out):
             out[t, i] = acc
 
 
-def _rows_i4(q, scale, minimum, xq, xs, e, out):
+def _rows_i4(q, scale, minimum, X, xq, xs, e, out):
     """out[t, i] = sum over groups g (canonical order) of
-    f32(q[i, g] . xq[t, g]) * scale[i, g] * xs[t, g] + min[i, g] * e[t, g]
-    q: (n, m/2) u8, scale, minimum: (n, m/32) u16 (fp16 bits), xq: (T, m) i8 (row layout, _quantize_i4),
-    xs, e: (T, m/32) f32, out: (T, n) f32"""
+    f32(q[i, g] . xq[t, g]) * scale[i, g] * xs[t, g] + min[i, g] * e[t, g], X's rows quantized first.
+    q: (n, m/2) u8, scale, minimum: (n, m/32) u16 (fp16 bits), X: (T, m) f32, xq: (T, m) i8 (row layout,
+    _quantize_i4), xs, e: (T, m/32) f32, out: (T, n) f32"""
+    quantize_i4(X, xq, xs, e)
     n, half = q.shape
     T, ng = xs.shape
     m = 2 * half
@@ -235,10 +237,13 @@ def _rows_i4(q, scale, minimum, xq, xs, e, out):
             out[t, i] = acc
 
 
-def _tiles_i8(q, scale, nw, xt, sxt, out):
-    """out[t, i] for every token, the tiles' way (the same numbers as _rows_i8).
-    q: (n, m) i8, scale: (n, m/64) u16, nw: (n, m/64) i32 (_negated_sums_i8), xt: (tiles, m/64, 16, 8) i32,
-    sxt: (tiles, m/64, 8) f32, out: (T, n) f32"""
+def _tiles_i8(q, scale, nw, X, xq, xs, xc, unsigned, xt, sxt, out):
+    """out[t, i] for every token, the tiles' way (the same numbers as _rows_i8): X's rows quantized
+    and laid out in tiles first (into xq, xs, xc, then xt, sxt; `unsigned`: see _tile_i8).
+    q: (n, m) i8, scale: (n, m/64) u16, nw: (n, m/64) i32 (_negated_sums_i8), X: (T, m) f32,
+    xt: (tiles, m/64, 16, 8) i32, sxt: (tiles, m/64, 8) f32, out: (T, n) f32"""
+    quantize_i8(X, xq, xs, xc)
+    tile_i8(xq, xs, unsigned, xt, sxt)
     n, m = q.shape
     T = out.shape[0]
     ng = scale.shape[1]
@@ -260,10 +265,12 @@ def _tiles_i8(q, scale, nw, xt, sxt, out):
                 _store_tile(acc, k, i, rows, out)
 
 
-def _tiles_i4(q, scale, minimum, xt, sxt, et, out):
-    """out[t, i] for every token, the tiles' way (the same numbers as _rows_i4).
-    q: (n, m/2) u8, scale, minimum: (n, m/32) u16, xt: (tiles, m/32, 8, 8) i32, sxt, et: (tiles, m/32, 8) f32,
-    out: (T, n) f32"""
+def _tiles_i4(q, scale, minimum, X, xq, xs, e, xt, sxt, et, out):
+    """out[t, i] for every token, the tiles' way (the same numbers as _rows_i4): X's rows quantized
+    and laid out in tiles first. q: (n, m/2) u8, scale, minimum: (n, m/32) u16, X: (T, m) f32,
+    xt: (tiles, m/32, 8, 8) i32, sxt, et: (tiles, m/32, 8) f32, out: (T, n) f32"""
+    quantize_i4(X, xq, xs, e)
+    tile_i4(xq, xs, e, xt, sxt, et)
     n, half = q.shape
     T = out.shape[0]
     ng = scale.shape[1]
@@ -332,6 +339,9 @@ class PathKernels:
 
     def __init__(self, path: str):
         self.path = path
+        self.vnni = path in ("avx512vnni", "avxvnni")
+        # The generic path multiplies row by row for any T (no tiles).
+        self.generic = path == "generic"
         self._compiled = {}
         self._lock = threading.Lock()
 
@@ -395,22 +405,30 @@ negated_sums_i8 = njit(parallel=True, cache=True)(_negated_sums_i8)
 # ----------------------------------------------------------- work buffers
 
 class Work(threading.local):
-    """Per calling thread, by (name, shape): the scratch arrays of the products. The last
-    MAX_ARRAYS are kept, so a step shaped like the last allocates nothing."""
+    """Per calling thread: the scratch arrays of a product, by (format, tokens, width). The last
+    MAX_SHAPES are kept, so a step shaped like the last allocates nothing."""
 
-    MAX_ARRAYS = 128
+    MAX_SHAPES = 64
 
     def __init__(self):
-        self.arrays = {}
+        self.shapes = {}
 
-    def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
-        key = (name, shape)
-        a = self.arrays.get(key)
-        if a is None:
-            if len(self.arrays) >= self.MAX_ARRAYS:
-                self.arrays.clear()
-            a = self.arrays[key] = np.empty(shape, dtype)
-        return a
+    def get(self, fmt: str, T: int, m: int) -> tuple:
+        """int8: (xq, xs, xc, xt, sxt); int4: (xq, xs, e, xt, sxt, et) (xt... only when T > ROW_TOKENS)."""
+        bufs = self.shapes.get((fmt, T, m))
+        if bufs is None:
+            if len(self.shapes) >= self.MAX_SHAPES:
+                self.shapes.clear()
+            group = I8_GROUP if fmt == "int8" else I4_GROUP
+            ng, tiles = m // group, (T + TILE - 1) // TILE if T > ROW_TOKENS else 0
+            words = 16 if fmt == "int8" else 8
+            bufs = (np.empty((T, m), np.int8), np.empty((T, ng), np.float32),
+                    np.empty((T, ng), np.int32 if fmt == "int8" else np.float32),
+                    np.empty((tiles, ng, words, TILE), np.int32), np.empty((tiles, ng, TILE), np.float32))
+            if fmt == "int4":
+                bufs += (np.empty((tiles, ng, TILE), np.float32),)
+            self.shapes[fmt, T, m] = bufs
+        return bufs
 
 
 _work = Work()
@@ -439,10 +457,6 @@ class _WeightSums:
 _weight_sums = _WeightSums()
 
 
-def _tiles_of(T):
-    return (T + TILE - 1) // TILE
-
-
 # ------------------------------------------------------------------ products
 
 def matmul_int8(q, scale, X, out, parallel: bool, path=None) -> None:
@@ -455,22 +469,13 @@ def matmul_int8(q, scale, X, out, parallel: bool, path=None) -> None:
         path: a kernels/isa.py path (default: the best this CPU has; tests pick others).
     """
     T, m = X.shape
-    ng = m // I8_GROUP
     ks = kernels(path)
-    xq = _work.get("xq8", (T, m), np.int8)
-    xs = _work.get("xs8", (T, ng), np.float32)
-    xc = _work.get("xc8", (T, ng), np.int32)
-    quantize_i8(X, xq, xs, xc)
-    if T <= ROW_TOKENS or ks.path == "generic":
-        ks.get("rows_i8", parallel)(q, scale, xq, xs, xc, out)
-        return
-    tiles = _tiles_of(T)
-    xt = _work.get("xt8", (tiles, ng, 16, TILE), np.int32)
-    sxt = _work.get("sxt8", (tiles, ng, TILE), np.float32)
-    vnni = ks.path in ("avx512vnni", "avxvnni")
-    tile_i8(xq, xs, vnni, xt, sxt)
-    nw = _weight_sums.of(q) if vnni else _work.get("nw0", (1, 1), np.int32)
-    ks.get("tiles_i8", parallel)(q, scale, nw, xt, sxt, out)
+    xq, xs, xc, xt, sxt = _work.get("int8", T, m)
+    if T <= ROW_TOKENS or ks.generic:
+        ks.get("rows_i8", parallel)(q, scale, X, xq, xs, xc, out)
+    else:
+        nw = _weight_sums.of(q) if ks.vnni else xc
+        ks.get("tiles_i8", parallel)(q, scale, nw, X, xq, xs, xc, ks.vnni, xt, sxt, out)
 
 
 def matmul_int4(q, scale, minimum, X, out, parallel: bool, path=None) -> None:
@@ -482,18 +487,9 @@ def matmul_int4(q, scale, minimum, X, out, parallel: bool, path=None) -> None:
         parallel, path: as matmul_int8.
     """
     T, m = X.shape
-    ng = m // I4_GROUP
     ks = kernels(path)
-    xq = _work.get("xq4", (T, m), np.int8)
-    xs = _work.get("xs4", (T, ng), np.float32)
-    e = _work.get("e4", (T, ng), np.float32)
-    quantize_i4(X, xq, xs, e)
-    if T <= ROW_TOKENS or ks.path == "generic":
-        ks.get("rows_i4", parallel)(q, scale, minimum, xq, xs, e, out)
-        return
-    tiles = _tiles_of(T)
-    xt = _work.get("xt4", (tiles, ng, 8, TILE), np.int32)
-    sxt = _work.get("sxt4", (tiles, ng, TILE), np.float32)
-    et = _work.get("et4", (tiles, ng, TILE), np.float32)
-    tile_i4(xq, xs, e, xt, sxt, et)
-    ks.get("tiles_i4", parallel)(q, scale, minimum, xt, sxt, et, out)
+    xq, xs, e, xt, sxt, et = _work.get("int4", T, m)
+    if T <= ROW_TOKENS or ks.generic:
+        ks.get("rows_i4", parallel)(q, scale, minimum, X, xq, xs, e, out)
+    else:
+        ks.get("tiles_i4", parallel)(q, scale, minimum, X, xq, xs, e, xt, sxt, et, out)
