@@ -68,23 +68,31 @@ def run_child(path: Path, cache_dir: str) -> dict:
 GENERATE = ["-m", "rwkvcpu.cli.main", "generate", "Once upon a time", "-n", "1", "--seed", "1"]
 
 
-def _timed(cmd, env) -> float:
+def _timed(cmd, env) -> tuple:
+    """(wall seconds, CPU seconds) of a child process. The CPU time hardly depends on what else
+    runs on the machine (compiling is single-threaded work), the wall time does."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, env=env, capture_output=True, check=True)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def generate_start(runs: int = 3) -> dict:
-    """Median seconds of `rwkvcpu generate ... -n 1` with the shipped model, numba's cache empty
-    (cold) and filled by the cold run (warm); each in a fresh process."""
+    """Median wall and CPU seconds of `rwkvcpu generate ... -n 1` with the shipped model, numba's
+    cache empty (cold) and filled by the cold run (warm); each in a fresh process."""
     cold, warm = [], []
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
             env = dict(os.environ, NUMBA_CACHE_DIR=cache)
             cold.append(_timed([sys.executable, *GENERATE], env))
             warm.append(_timed([sys.executable, *GENERATE], env))
-    return {"command": "rwkvcpu " + " ".join(GENERATE[3:]), "runs": runs, "cold_s": statistics.median(cold),
-            "warm_s": statistics.median(warm), "cold_all": cold, "warm_all": warm}
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    return {"command": "rwkvcpu " + " ".join(GENERATE[2:]), "runs": runs,
+            "cold_s": med(cold, 0), "warm_s": med(warm, 0), "cold_cpu_s": med(cold, 1), "warm_cpu_s": med(warm, 1),
+            "cold_all": [r[0] for r in cold], "warm_all": [r[0] for r in warm]}
 
 
 def main():
@@ -97,8 +105,8 @@ def main():
     if args.generate:
         r = generate_start(args.runs)
         print(f"`{r['command']}`, median of {args.runs} fresh processes: cold {r['cold_s']:.2f} s "
-              f"({', '.join(f'{v:.2f}' for v in r['cold_all'])}), warm {r['warm_s']:.2f} s "
-              f"({', '.join(f'{v:.2f}' for v in r['warm_all'])})")
+              f"({', '.join(f'{v:.2f}' for v in r['cold_all'])}; CPU {r['cold_cpu_s']:.2f} s), warm "
+              f"{r['warm_s']:.2f} s ({', '.join(f'{v:.2f}' for v in r['warm_all'])}; CPU {r['warm_cpu_s']:.2f} s)")
         return
     path = model_file(Path(args.work), args.dtype)
     cold, warm = [], []

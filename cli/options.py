@@ -114,7 +114,7 @@ def model_option(f):
 
 def threads_option(f):
     return click.option("--threads", type=POSITIVE_INT, default=None, metavar="N",
-                        help="CPU threads for the model (default: one per physical core).")(f)
+                        help="CPU threads for the model (default: one per physical core; one for a model reading under 64 MB per token).")(f)
 
 
 def sampling_options(defaults):

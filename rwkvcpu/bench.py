@@ -206,7 +206,7 @@ def measure(path, *, threads: Optional[int] = None, decode_tokens: int = 200, wa
     Args:
         path: an rwkvcpu .safetensors file (anything else: ModelFormatError, see
             require_model_file).
-        threads: as rwkvcpu.load (None: one per physical core).
+        threads: as rwkvcpu.load (None: one per physical core; one for a model under 64 MB per token).
         decode_tokens: timed decode steps; the median is reported.
         warmup_tokens: untimed steps before them.
         prompt_tokens: length of the prompt timed for prefill speed.

@@ -92,7 +92,7 @@ def matmul(m, X: np.ndarray, out: np.ndarray) -> np.ndarray:
         return gemm(m, X, out)
     # Serial and parallel variants give the same bits (tests/test_kernels_matmul.py),
     # so the choice follows the amount of work only.
-    fmt.matmul(m, X, out, X.shape[0] * size >= _PARALLEL_MIN_BYTES)
+    fmt.matmul(m, X, out, X.shape[0] * size >= _PARALLEL_MIN_BYTES and threads.current() > 1)
     return out
 
 
@@ -125,7 +125,7 @@ def dequantize_rows(m, r0: int, out: np.ndarray) -> np.ndarray:
     Returns:
         out.
     """
-    FORMAT_OF[type(m)].dequantize_rows(m, r0, out, out.nbytes >= _PARALLEL_MIN_BYTES)
+    FORMAT_OF[type(m)].dequantize_rows(m, r0, out, out.nbytes >= _PARALLEL_MIN_BYTES and threads.current() > 1)
     return out
 
 

@@ -53,7 +53,7 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, metadata: dict, tensors: dict, *, path: str, threads=None):
-        self.threads = threads_module.configure(threads)
+        self.threads = threads_module.configure(threads_module.for_model(threads, self._bytes_per_token(tensors)))
         self.config = config
         self.metadata = dict(metadata)
         self.path = path
@@ -66,6 +66,16 @@ class Model:
         self._workspace = common.Workspace(self._arch, config)
         self._lock = threading.Lock()
         self._tokenizer = None
+
+    @staticmethod
+    def _bytes_per_token(tensors) -> int:
+        """Bytes of the tensors a decoded token reads (all but the embedding, which it looks up)."""
+        total = 0
+        for name, v in tensors.items():
+            if not name.startswith("emb."):
+                total += sum(np.asarray(a).nbytes for a in v[1].values()) if isinstance(v, tuple) else \
+                    np.asarray(v).nbytes
+        return total
 
     # ----------------------------------------------------------------- state
 
@@ -478,8 +488,9 @@ def load(path, *, dtype: Optional[str] = None, threads: Optional[int] = None,
             (from a quantized file this adds to its rounding error: prefer
             converting the original checkpoint). For other checkpoints, None
             means "int8".
-        threads: threads to compute with; None means one per physical core
-            (see rwkvcpu.threads.configure, applied for whichever thread calls forward()).
+        threads: threads to compute with; None means one per physical core, or one for a model
+            reading under 64 MB of weights per token (rwkvcpu.threads.for_model). See
+            rwkvcpu.threads.configure, applied for whichever thread calls forward().
         group_norm_eps: override the epsilon of the per-head group norm (v5+)
             recorded in the file, e.g. 64e-5 to match the reference `rwkv` package.
         tokenizer: "world", "neox-20b", "bytes", or the path of a Hugging Face

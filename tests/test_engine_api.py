@@ -123,9 +123,12 @@ def test_threads(tmp_path):
     assert m.threads == 1
     m.forward([1])
     assert numba.get_num_threads() == 1
-    from rwkvcpu.threads import physical_cores
-    assert rwkvcpu.load(_make(tmp_path, "v4")[0]).threads == min(
-        physical_cores(), numba.config.NUMBA_NUM_THREADS)
+    from rwkvcpu.threads import SMALL_MODEL_BYTES, for_model
+    # By default a model this small computes on one thread; a large one on every physical core.
+    assert rwkvcpu.load(_make(tmp_path, "v4")[0]).threads == 1
+    assert rwkvcpu.load(_make(tmp_path, "v4")[0], threads=2).threads == min(2, numba.config.NUMBA_NUM_THREADS)
+    assert for_model(None, SMALL_MODEL_BYTES) is None and for_model(None, SMALL_MODEL_BYTES - 1) == 1
+    assert for_model(3, 1) == 3
     for bad in (0, -2, 1.5, "2"):
         with pytest.raises(ValueError, match="threads"):
             rwkvcpu.load(_make(tmp_path, "v4")[0], threads=bad)

@@ -18,6 +18,7 @@ State layouts (see rwkvcpu/state.py): v4 keeps three per-channel vectors
 (aa, bb, pp); v5/v6 keep s[head, key, value]; v7 keeps s[head, value, key].
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -180,15 +181,20 @@ wkv7_serial = compile_kernel(_wkv7, parallel=False, fastmath=FASTMATH)
 PARALLEL_MIN_WORK = 1 << 18
 
 
+def _serial(r, n_head) -> bool:
+    """Run on the calling thread: too little work to wake the thread team, or no team (one thread)."""
+    return r.shape[0] * r.shape[1] * (r.shape[1] // n_head) < PARALLEL_MIN_WORK or numba.get_num_threads() == 1
+
+
 def wkv5(r, k, v, decay, bonus, states, segs, off, n_head, out):
     """RWKV-5/6 recurrence of every sequence and head (see wkv5_head), serial or parallel by the amount of work."""
-    small = r.shape[0] * r.shape[1] * (r.shape[1] // n_head) < PARALLEL_MIN_WORK
+    small = _serial(r, n_head)
     (wkv5_serial if small else wkv5_parallel)(r, k, v, decay, bonus, states, segs, off, n_head, out)
 
 
 def wkv7(r, w, k, v, kk, kka, states, segs, off, n_head, out):
     """RWKV-7 recurrence of every sequence and head (see wkv7_head), serial or parallel by the amount of work."""
-    small = r.shape[0] * r.shape[1] * (r.shape[1] // n_head) < PARALLEL_MIN_WORK
+    small = _serial(r, n_head)
     (wkv7_serial if small else wkv7_parallel)(r, w, k, v, kk, kka, states, segs, off, n_head, out)
 
 

@@ -55,7 +55,7 @@ class Server:
         model: a Model, a model file (anything rwkvcpu.load reads), or None for the shipped model.
         host: the address to listen on; 127.0.0.1 (this machine only) unless you mean otherwise.
         port: the port; 0 picks a free one (see `port` and `url` after `start`).
-        threads: compute threads for a model loaded here (default: one per physical core).
+        threads: compute threads for a model loaded here (default: as rwkvcpu.load).
         max_batch: sequences decoding together (and state slots).
         prefill_budget: prompt tokens read per step, over all sequences.
         max_queue: requests that may wait for a slot; beyond, 503 with Retry-After.
