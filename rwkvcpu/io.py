@@ -26,10 +26,9 @@ import numpy as np
 from .config import FORMAT_NAME, FORMAT_VERSION, ModelConfig
 from .errors import ModelFormatError, open_input, shown
 from .layouts import MATRIX, expected_tensors
-from .formats import SUFFIXES, detect_stored_format
+from .formats import STORED_DTYPES as DTYPES, SUFFIXES, detect_stored_format
 
-# safetensors dtype names we store, and the numpy types they map to.
-DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
+# numpy types -> the safetensors dtype names we store them as.
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 # A header larger than this is not a model file (safetensors itself caps it at 100 MB).

@@ -29,7 +29,7 @@ from rwkvcpu.kernels import qmatmul as Q
 PATHS = isa.usable_paths()
 # Widths whose group counts exercise the 16- and 4-group steps and the 1-3 group tails.
 SHAPES = [(5, 64), (7, 192), (33, 64 * 13), (20, 64 * 20), (130, 64 * 9)]
-TOKENS = [1, 2, 8, 11]
+TOKENS = sorted({1, 2, Q.ROW_TOKENS, Q.ROW_TOKENS + 1, 8, 11})
 
 
 def _rng(*key):

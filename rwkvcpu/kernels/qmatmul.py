@@ -40,8 +40,11 @@ from . import idot, isa
 from .f16 import f16_to_f32
 from .simd import prefetch, prefetch_l2
 
-# Tokens up to which the row layout is used (see the module docstring).
-ROW_TOKENS = 1
+# Tokens up to which the row layout is used (see the module docstring). A tile costs the same at
+# 2 tokens as at 8; reading each row once for up to 4 tokens in turn is cheaper (bench_blocks.py,
+# v7-0.4b int8, 2 threads: 2 tokens 21.7 ms by rows against 38.3 by tiles, 4 tokens 33.4 against 39.1;
+# int4 18.4 against 30.3, 28.8 against 31.7), so batches of 2-4 sequences gain most.
+ROW_TOKENS = 4
 # Tokens per tile: the lanes of one 256-bit vector of int32.
 TILE = 8
 # Output rows per unit of parallel work; rows per tile intrinsic call (independent chains of
