@@ -5,7 +5,8 @@ replica per core, and the state cache's hit rate over multi-turn chats with and 
     python benchmarks/bench_ray.py --streams 8 --tokens 32 --out /tmp/r.md        # a quick look
 
 Throughput: a fresh `rwkvcpu serve` process per configuration (plain, for reference; Ray with 1
-replica of 1 thread, 1 replica of 2 threads, 2 replicas of 1 thread), --max-batch 8 per replica, the official
+replica of 1 thread, 1 replica of 2 threads, 2 replicas of 1 thread; 1 replica of 2 threads
+reached by Ray's proxy directly, without the front), --max-batch 8 per replica, the official
 `openai` client streaming completions of --tokens tokens from 32-token random prompts (end-of-text
 banned), as benchmarks/bench_serve.py does. Ray's own processes (controller, proxy, the front) run
 on the same 2 cores.
@@ -36,8 +37,10 @@ from bench_models import SHAPES, Busy, machine, make_models, replace_section
 from bench_serve import PROMPT_TOKENS, streams, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = (("plain rwkvcpu serve, 2 threads", None, 2), ("Ray, 1 replica x 1 thread", 1, 1),
-           ("Ray, 1 replica x 2 threads", 1, 2), ("Ray, 2 replicas x 1 thread", 2, 1))
+# (name, replicas (None: no Ray), threads per replica, prefix affinity (the front))
+CONFIGS = (("plain rwkvcpu serve, 2 threads", None, 2, False), ("Ray, 1 replica x 1 thread", 1, 1, True),
+           ("Ray, 1 replica x 2 threads", 1, 2, True), ("Ray, 2 replicas x 1 thread", 2, 1, True),
+           ("Ray, 1 replica x 2 threads, --no-affinity", 1, 2, False))
 SYSTEM = "You are a helpful assistant who answers in a few words and never repeats the question."
 
 
@@ -103,9 +106,9 @@ def stop(proc):
 def throughput(path: Path, vocab: int, args, log) -> list:
     rng = np.random.default_rng(1)
     rows = []
-    for name, replicas, threads in CONFIGS:
+    for name, replicas, threads, affinity in CONFIGS:
         wait_for_quiet()
-        proc, url = start(path, replicas, threads, 8)
+        proc, url = start(path, replicas, threads, 8, affinity=affinity)
         try:
             # warm-up: every replica compiles (or loads from numba's cache) its kernels
             asyncio.run(streams(url, [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(4)], 8))
