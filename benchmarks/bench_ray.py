@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_models import SHAPES, Busy, machine, make_models, replace_section
-from bench_serve import PROMPT_TOKENS, streams, wait_for_quiet
+from bench_models import SHAPES, machine, make_models, replace_section
+from bench_serve import PROMPT_TOKENS, ServerBusy, streams, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
 # (name, replicas (None: no Ray), threads per replica, prefix affinity (the front))
@@ -42,43 +42,6 @@ CONFIGS = (("plain rwkvcpu serve, 2 threads", None, 2, False), ("Ray, 1 replica 
            ("Ray, 1 replica x 2 threads", 1, 2, True), ("Ray, 2 replicas x 1 thread", 2, 1, True),
            ("Ray, 1 replica x 2 threads, --no-affinity", 1, 2, False))
 SYSTEM = "You are a helpful assistant who answers in a few words and never repeats the question."
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time used so far by `root` and every process under it (Ray's processes included)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else None
-        except OSError:
-            continue
-        if stat:
-            fields = stat[stat.rindex(")") + 2:].split()
-            table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    total, frontier, seen = 0, [root], set()
-    while frontier:
-        pid = frontier.pop()
-        seen.add(pid)
-        total += table.get(pid, (0, 0))[1]
-        frontier += [p for p, (ppid, _) in table.items() if ppid == pid and p not in seen]
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-class ServerBusy(Busy):
-    """Busy, less the server's process tree: the CPU share processes outside this benchmark took."""
-
-    def __init__(self, server_pid: int):
-        self.server_pid = server_pid
-
-    def __enter__(self):
-        self.tree0 = tree_cpu_seconds(self.server_pid)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        wall = time.perf_counter() - self.t0
-        tree = tree_cpu_seconds(self.server_pid) - self.tree0
-        self.share = max(0.0, self.share - tree / (wall * os.cpu_count()))
 
 
 def start(path: Path, replicas, threads: int, max_batch: int, affinity: bool = True):

@@ -137,6 +137,43 @@ def overhead(url: str, path: Path, threads: int, prompt: list, tokens: int) -> d
     return {"generate_ms": [1e3 * x for x in a], "http_ms": [1e3 * x for x in b]}
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time used so far by `root` and every process under it (Ray's processes included)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else None
+        except OSError:
+            continue
+        if stat:
+            fields = stat[stat.rindex(")") + 2:].split()
+            table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    total, frontier, seen = 0, [root], set()
+    while frontier:
+        pid = frontier.pop()
+        seen.add(pid)
+        total += table.get(pid, (0, 0))[1]
+        frontier += [p for p, (ppid, _) in table.items() if ppid == pid and p not in seen]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class ServerBusy(Busy):
+    """Busy, less the server's process tree: the CPU share processes outside this benchmark took."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+
+    def __enter__(self):
+        self.tree0 = tree_cpu_seconds(self.server_pid)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        wall = time.perf_counter() - self.t0
+        tree = tree_cpu_seconds(self.server_pid) - self.tree0
+        self.share = max(0.0, self.share - tree / (wall * os.cpu_count()))
+
+
 STEP_COSTS = """
 import json, time
 import numpy as np
@@ -194,7 +231,7 @@ def bench_shape(name, path, args, log) -> dict:
             for _ in range(args.repeats):
                 wait_for_quiet()
                 prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(s)]
-                with Busy() as busy:
+                with ServerBusy(proc.pid) as busy:
                     r = asyncio.run(streams(url, prompts, args.tokens))
                 r["busy"] = busy.share
                 if best is None or r["tok_s"] > best["tok_s"]:
@@ -209,7 +246,7 @@ def bench_shape(name, path, args, log) -> dict:
         log(f"{name}: TTFT with a cached {PREFIX_TOKENS}-token prefix {row['prefix']['cached_ttft_ms']:.0f} ms "
             f"(uncached {row['prefix']['uncached_ttft_ms']:.0f} ms)")
         wait_for_quiet()
-        with Busy() as busy:
+        with ServerBusy(proc.pid) as busy:
             row["overhead"] = overhead(url, path, args.threads, rng.integers(1, vocab, PROMPT_TOKENS).tolist(),
                                        args.tokens)
         row["overhead"]["busy"] = busy.share
