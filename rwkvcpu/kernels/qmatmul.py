@@ -66,6 +66,27 @@ _UNSIGNED = np.int32(-2139062144)   # 0x80808080: + 128 on each byte of a word
 
 # --------------------------------------------------------------- activations
 
+@njit(nogil=True, cache=True)
+def _group_absmax(X, t, j0, size):
+    """(max |X[t, j0:j0 + size]|, whether every value is finite): a group's activation scale."""
+    amax = np.float32(0.0)
+    finite = True
+    for j in range(j0, j0 + size):
+        v = abs(X[t, j])
+        # Not "v > max": NaN compares false. Without fastmath the test is kept.
+        if not v <= np.float32(3.4028235e38):
+            finite = False
+        elif v > amax:
+            amax = v
+    return amax, finite
+
+
+@njit(nogil=True, cache=True)
+def _level(x, inv):
+    """x's int8 level at 1 / inv per step, as a float: rint(x * inv) within [-127, 127]."""
+    return min(max(np.rint(x * inv), np.float32(-127.0)), np.float32(127.0))
+
+
 def _quantize_i8(X, xq, xs, xc):
     """Per token t and group g of 64: xs[t, g] = max|x| / 127, xq = rint(x / xs) in [-127, 127],
     xc[t, g] = 128 * sum(xq over the group). A group holding inf or NaN gets xs = NaN and xq = 0,
@@ -75,20 +96,12 @@ def _quantize_i8(X, xq, xs, xc):
     ng = xs.shape[1]
     for t in range(T):
         for g in range(ng):
-            amax = np.float32(0.0)
-            finite = True
-            for j in range(64 * g, 64 * g + 64):
-                v = abs(X[t, j])
-                # Not "v > max": NaN compares false. Without fastmath the test is kept.
-                if not v <= np.float32(3.4028235e38):
-                    finite = False
-                elif v > amax:
-                    amax = v
+            amax, finite = _group_absmax(X, t, 64 * g, 64)
             inv = np.float32(127.0) / amax if amax > 0 and finite else np.float32(0.0)
             xs[t, g] = amax / np.float32(127.0) if finite else np.float32(np.nan)
             total = 0
             for j in range(64 * g, 64 * g + 64):
-                v = min(max(np.rint(X[t, j] * inv), np.float32(-127.0)), np.float32(127.0)) if finite else 0.0
+                v = _level(X[t, j], inv) if finite else 0.0
                 xq[t, j] = np.int8(v)
                 total += np.int32(v)
             xc[t, g] = np.int32(128) * total
@@ -114,19 +127,12 @@ def _quantize_i4(X, xq, xs, e):
     chunked = ng // 4 * 4
     for t in range(T):
         for g in range(ng):
-            amax = np.float32(0.0)
-            finite = True
-            for j in range(32 * g, 32 * g + 32):
-                v = abs(X[t, j])
-                if not v <= np.float32(3.4028235e38):
-                    finite = False
-                elif v > amax:
-                    amax = v
+            amax, finite = _group_absmax(X, t, 32 * g, 32)
             inv = np.float32(127.0) / amax if amax > 0 and finite else np.float32(0.0)
             s = amax / np.float32(127.0) if finite else np.float32(np.nan)
             total = 0
             for i in range(32):
-                v = min(max(np.rint(X[t, 32 * g + i] * inv), np.float32(-127.0)), np.float32(127.0)) if finite else 0.0
+                v = _level(X[t, 32 * g + i], inv) if finite else 0.0
                 xq[t, _i4_slot(g, i, chunked)] = np.int8(v)
                 total += np.int32(v)
             xs[t, g] = s
