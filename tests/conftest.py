@@ -6,9 +6,16 @@ need the reference `rwkv` package (and torch) skip when it is not installed.
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell starts background jobs with Ctrl-C ignored (`pytest &`, nohup in a script), and a child
+# inherits that: the tests that stop `rwkvcpu chat` or `serve` with SIGINT, as a user's Ctrl-C does,
+# would wait on processes that cannot hear it. Give this process, and so every child, the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
