@@ -631,22 +631,21 @@ def targets(results: dict) -> list:
 NOTES = [
     "## How the figures come about",
     "",
-    "- **Kernels.** int8 and int4 matrix-vector products quantize the activation vector to int16 per weight "
-    "group, then take each group's dot product in exact integer arithmetic: 16-bit pair multiply-adds "
-    "(`vpmaddwd`; `vpdpwssd` on AVX-512 VNNI / AVX-VNNI CPUs), one int-to-float conversion (`vcvtdq2ps`) and "
-    "one FMA (`vfmadd231ps`) per group, group scales widened from fp16 with F16C (`vcvtph2ps`). int4 unpacks "
-    "two groups at a time as 16-bit words with shifts and masks (`vpsrlw`, `vpand`). The kernels are written "
-    "with explicit 8-lane LLVM vectors (`rwkvcpu/kernels/simd.py`), so the same code lowers to 256-bit AVX2 "
-    "(checked by compiling for `haswell`) or AVX-512; tests/test_kernels_simd.py checks the instructions. "
-    "fp32/fp16 use LLVM's own vectorisation (`vfmadd231ps`, `vcvtph2ps`). The int16 activation rounding "
-    "changes logits by ~1e-3 at most on the test models, a KL of ~1e-8: far below the weights' own "
-    "quantization (the KL column).",
+    "- **Kernels.** int8 and int4 products quantize each token's activations to int8 per weight group "
+    "(scale max|x| / 127), so that each group's dot product is exact integer arithmetic on the CPU's widest "
+    "integer multiply-add: `vpdpbusd` on 512-bit vectors with AVX-512 VNNI (64 products per instruction), on "
+    "256-bit ones with AVX-VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2, chosen from numba's target features "
+    "(`rwkvcpu/kernels/isa.py`, `idot.py`, `qmatmul.py`). Every (row, token) adds its groups in one canonical "
+    "float order, so every CPU path, and a token alone or in a block, gives the same bits "
+    "(tests/test_kernels_qmatmul.py, with an AVX2-only compile and the instructions checked in the assembly). "
+    "Blocks of up to 4 tokens read each weight row once and multiply it with each token in turn; larger "
+    "blocks use tiles of 8 tokens (each 4-byte weight word broadcast to the 8 token lanes of one "
+    "`vpdpbusd`). fp32/fp16 use LLVM's own vectorisation (`vfmadd231ps`, `vcvtph2ps`). The activation "
+    "rounding moves each x by at most max|x over its group| / 254 (bound tested).",
     "- **Prefill.** Each weight matrix is one product per block of tokens. int8/int4 matrices (and fp32/fp16 "
-    "ones under 1 MB) use the same kernel as decoding, looping over the tokens inside each block of 16 rows, "
-    "so a prompt and the same tokens fed one by one give identical logits; larger fp32/fp16 matrices take "
-    "BLAS, their rows split into one block per thread, each thread dequantizing ~1 MB tiles into float32. "
-    "BLAS would prefill int8 faster (211 tokens/s for v7-0.4b in an earlier run, against 187 here): the "
-    "engine gives that up for bit-identical paths.",
+    "ones under 1 MB) use the kernels above, so a prompt and the same tokens fed one by one give identical "
+    "logits; larger fp32/fp16 matrices take BLAS, their rows split into one block per thread, each thread "
+    "dequantizing ~1 MB tiles into float32.",
     "- **Quantization on random weights.** The KL column depends on how a model amplifies small changes of "
     "its weights, and random weights are no trained model: v6-1.6b turns even fp16's 0.02% weight rounding "
     "into logit changes of 0.2 (KL 2e-4) where v7-0.4b's stay under 0.01. "
@@ -654,7 +653,8 @@ NOTES = [
     "weights' own rounding: fp32 kernels on the dequantized int8 weights score the same 8.9e-2, and the int8 "
     "kernels add a KL of 1e-4 to them (v7-0.4b: 4.5e-4 either way, the kernels adding 1e-8). On trained "
     "models int8's KL measures 6e-6..5e-4 on the tiny fixtures (bounded in tests/test_quality_quant.py), and "
-    "the shipped model's dev.txt perplexity moves from 25.741 (fp32) to 25.745 (int8).",
+    "the shipped model's perplexity over the first 100,000 tokens of dev.txt moves from 25.620 (fp32) to "
+    "25.623 (int8, +0.011%).",
     "- **Threads.** BLAS is capped at one thread (threadpoolctl) and GEMMs are split by rwkvcpu's own workers, "
     "which sleep when idle; numba's OpenMP workers spin at most GOMP_SPINCOUNT=20000 polls before sleeping "
     "(the default, 300000, kept them spinning for milliseconds into the next phase). So at most `threads` "
