@@ -63,6 +63,12 @@ def _splat_const(t, n, value):
     return ir.Constant(_vec(t, n), [value] * n)
 
 
+def _splat(builder, v, vt):
+    """The scalar v in every lane of a vector of type vt (a broadcast)."""
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, None), v, ir.Constant(_i32, 0)),
+                                  ir.Constant(vt, None), _lanes([0] * vt.count))
+
+
 def _ptr(context, builder, arrty, arr, offset, elem_type, count):
     """Pointer to <count x elem_type> at element `offset` of a C-contiguous array."""
     data = context.make_array(arrty)(context, builder, arr).data
@@ -461,10 +467,6 @@ def make_tile_intrinsics(path: str):
             v8 = _vec(_i32, 8)
             f8 = _vec(_f32, 8)
 
-            def splat(v, vt):
-                return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, None), v, ir.Constant(_i32, 0)),
-                                              ir.Constant(vt, None), _lanes([0] * 8))
-
             st = builder.sext(st, qo.type) if st.type != qo.type else st
             row_q = [builder.add(qo, builder.mul(st, ir.Constant(qo.type, 64 * r))) for r in range(R)]
             row_g = [builder.mul(st, ir.Constant(qo.type, r)) for r in range(R)]
@@ -474,7 +476,7 @@ def make_tile_intrinsics(path: str):
                     if vnni:
                         nwk = builder.load(builder.gep(nwdata, [builder.add(builder.add(nwo, row_g[r]),
                                                                            ir.Constant(qo.type, k))]))
-                        d[r][k] = splat(nwk, v8)
+                        d[r][k] = _splat(builder, nwk, v8)
                     else:
                         d[r][k] = ir.Constant(v8, None)
             for j in range(16):
@@ -483,7 +485,7 @@ def make_tile_intrinsics(path: str):
                     for r in range(R):
                         wp = builder.bitcast(builder.gep(qdata, [_add_off(builder, row_q[r], 64 * k + 4 * j)]),
                                              _i32.as_pointer())
-                        wb = splat(builder.load(wp, align=1), v8)
+                        wb = _splat(builder, builder.load(wp, align=1), v8)
                         if vnni:
                             d[r][k] = _dpbusd(builder, d[r][k], xv, wb)
                         else:
@@ -531,10 +533,6 @@ def make_tile_intrinsics(path: str):
             f8 = _vec(_f32, 8)
             b32 = _vec(_i8, 32)
 
-            def splat(v, vt):
-                return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, None), v, ir.Constant(_i32, 0)),
-                                              ir.Constant(vt, None), _lanes([0] * 8))
-
             st = builder.sext(st, qo.type) if st.type != qo.type else st
             row_q = [builder.add(qo, builder.mul(st, ir.Constant(qo.type, 16 * r))) for r in range(R)]
             row_g = [builder.mul(st, ir.Constant(qo.type, r)) for r in range(R)]
@@ -547,7 +545,7 @@ def make_tile_intrinsics(path: str):
                     for r in range(R):
                         wp = builder.bitcast(builder.gep(qdata, [_add_off(builder, row_q[r], 16 * k + 4 * j)]),
                                              _i32.as_pointer())
-                        wb = builder.bitcast(splat(builder.load(wp, align=1), v8), b32)
+                        wb = builder.bitcast(_splat(builder, builder.load(wp, align=1), v8), b32)
                         lo = builder.and_(wb, mask)
                         hi = builder.and_(builder.lshr(wb, _splat_const(_i8, 32, 4)), mask)
                         if vnni:
